@@ -1,0 +1,196 @@
+"""Files of the EMA: the ``ema_net/`` folder, written atomically and read without unpickling.
+
+Layout of ``<dir>/ema_net/``:
+
+* ``model.safetensors``: the EMA weights under the model's own state-dict names, so that for a
+  ``PreTrainedModel`` the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
+* ``ema_state.json``: step count, schedule and arguments, library version (everything to resume exactly);
+* ``config.json``: the model's Hugging Face config, when it has one.
+
+The folder is first written next to its final place under a temporary name, then renamed into place, so a crash
+mid-save leaves either the previous ``ema_net`` or the new one, never a half-written folder that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "EMA_DIRNAME",
+    "STATE_NAME",
+    "WEIGHTS_NAME",
+    "EMAFileError",
+    "atomic_write_text",
+    "load_ema_net",
+    "save_ema_net",
+]
+
+logger = logging.getLogger(__name__)
+
+EMA_DIRNAME = "ema_net"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "ema_state.json"
+CONFIG_NAME = "config.json"
+
+
+class EMAFileError(ValueError):
+    """An ``ema_net`` folder is missing, incomplete or corrupt."""
+
+
+def _ema_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is an ``ema_net`` folder (holds ``ema_state.json``), else ``path/ema_net``."""
+    path = Path(path)
+    if (path / STATE_NAME).is_file() or path.name == EMA_DIRNAME:
+        return path
+    return path / EMA_DIRNAME
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it into place.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.json"
+        >>> atomic_write_text(p, "{}"); p.read_text()
+        '{}'
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _contiguous_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[int, int], str] = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if key is not None and key in seen:  # safetensors refuses shared storage: store an own copy
+            t = t.clone()
+        elif key is not None:
+            seen[key] = name
+        out[name] = t
+    return out
+
+
+def save_ema_net(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    config: Any = None,
+) -> Path:
+    """Write ``directory/ema_net/`` atomically.
+
+    Args:
+        directory: The checkpoint folder (created if missing); the EMA goes to its ``ema_net`` sub-folder.
+        tensors: EMA weights under the model's state-dict names.
+        meta: JSON-serialisable state (step, schedule, arguments).
+        config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional).
+
+    Returns:
+        The path of the ``ema_net`` folder.
+
+    Example:
+        >>> import tempfile
+        >>> d = save_ema_net(tempfile.mkdtemp(), {"w": torch.zeros(2)}, {"step": 0})
+        >>> sorted(p.name for p in d.iterdir())
+        ['ema_state.json', 'model.safetensors']
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / EMA_DIRNAME
+    tmp = directory / f".{EMA_DIRNAME}.tmp-{uuid.uuid4().hex[:8]}"
+    old = directory / f".{EMA_DIRNAME}.old-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        text = json.dumps(dict(meta), indent=2, sort_keys=True)
+        atomic_write_text(tmp / STATE_NAME, text)
+        if config is not None and hasattr(config, "to_json_string"):
+            atomic_write_text(tmp / CONFIG_NAME, config.to_json_string())
+        for f in tmp.iterdir():  # data on disk before the folder becomes visible under its real name
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_ema_net(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an ``ema_net`` folder without unpickling anything.
+
+    Args:
+        path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself.
+        device: Where to put the tensors.
+
+    Returns:
+        ``(tensors, meta)``: the EMA weights by state-dict name, and the JSON state.
+
+    Raises:
+        EMAFileError: If the folder or a file is missing, or a file is not valid safetensors / JSON. The message
+            names the path.
+
+    Example:
+        >>> import tempfile
+        >>> d = save_ema_net(tempfile.mkdtemp(), {"w": torch.ones(2)}, {"step": 3})
+        >>> tensors, meta = load_ema_net(d.parent); meta["step"], tensors["w"].tolist()
+        (3, [1.0, 1.0])
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = _ema_dir(path)
+    if not d.is_dir():
+        raise EMAFileError(
+            f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
+        )
+    weights, state = d / WEIGHTS_NAME, d / STATE_NAME
+    for f in (weights, state):
+        if not f.is_file():
+            raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {f.name!r} is missing")
+    try:
+        meta = json.loads(state.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: expected a JSON object")
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EMAFileError(
+            f"Corrupt EMA weights file {str(weights)!r}: not a valid safetensors file ({e})"
+        ) from e
+    return tensors, meta

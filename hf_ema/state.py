@@ -1,0 +1,703 @@
+"""The EMA engine: shadow tensors, update, swap, copy, state dict and files. It knows nothing of Trainer.
+
+Math. At creation the EMA is a copy of the model's weights, ``ema_0 = theta_0``. After the optimizer step with
+0-based index ``t`` the schedule gives ``d_t = schedule(decay, t, total_steps)`` and, with ``N = update_every``,
+on every N-th step (``(t + 1) % N == 0``)::
+
+    ema <- ema * d_t**N + theta_t * (1 - d_t**N)        (= lerp(ema, theta_t, 1 - d_t**N))
+
+Raising the decay to the N-th power keeps the averaging horizon, measured in optimizer steps, the same as with
+``N = 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .io import EMAFileError, load_ema_net, save_ema_net
+from .schedules import IDecayFunction, build_schedule
+
+__all__ = ["EMAState"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_BUFFER_MODES = ("average", "copy", "ignore")
+
+
+def _library_version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover - during partial imports
+        return "unknown"
+
+
+@dataclass
+class _Entry:
+    """One tracked tensor: ``live`` is the model's local tensor, ``ema`` its shadow."""
+
+    name: str
+    kind: str  # "param" | "buffer"
+    mode: str  # "average" | "copy"
+    source: torch.Tensor  # the parameter / buffer object as the model holds it (maybe DTensor / ZeRO-3)
+    live: torch.Tensor  # plain local tensor sharing storage with ``source``
+    ema: torch.Tensor
+    staging: torch.Tensor | None = field(default=None, repr=False)  # pinned host copy for CPU offload
+
+
+def _check_decay(decay: Any) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < float(decay) < 1.0):
+        raise ValueError(f"`decay` must be a number strictly between 0 and 1, got {decay!r}")
+    return float(decay)
+
+
+def _check_update_every(update_every: Any) -> int:
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"`update_every` must be an integer >= 1, got {update_every!r}")
+    return update_every
+
+
+def _check_total_steps(total_steps: Any) -> int | None:
+    if total_steps is None:
+        return None
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"`total_steps` must be a positive integer or None, got {total_steps!r}")
+    return total_steps
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(
+                f"`dtype` must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}"
+            )
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"`dtype` must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}"
+        )
+    return dtype
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Named persistent buffers (those in ``state_dict``), each object once."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+        for b_name, buf in mod._buffers.items():
+            if buf is None or b_name in non_persistent or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            yield (f"{mod_name}.{b_name}" if mod_name else b_name), buf
+
+
+class EMAState:
+    """Exponential Moving Average of a model's weights.
+
+    The EMA starts as a copy of the weights; after each optimizer step, :meth:`update` does
+    ``ema = ema * d + param * (1 - d)`` with ``d`` from the decay schedule (see :mod:`hf_ema.schedules`).
+    Averaging runs as one ``torch._foreach_*`` call per (device, dtype) group over cached tensor lists, with no
+    host-device synchronisation. On sharded models (FSDP2, ZeRO-3) each process averages only its own shard.
+
+    Args:
+        model: The model (wrapped or not: DDP, ``torch.compile`` and Accelerate wrappers are removed).
+        decay: Maximum decay, strictly in (0, 1).
+        decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, a name registered in ``EMA_DECAY_FUNCTIONS``, or
+            an :class:`~hf_ema.schedules.IDecayFunction` instance.
+        beta: ``exp`` schedule sharpness.
+        total_steps: Planned number of optimizer steps (required by ``exp``).
+        update_every: Average on every N-th optimizer step only, with the decay raised to the N-th power.
+        dtype: Precision of the EMA for floating-point parameters (fp32 by default, also for bf16/fp16 models;
+            ``None`` keeps each parameter's dtype). fp64 parameters keep fp64.
+        buffers: Floating-point buffers are ``"average"``-d (as SuperGradients does), ``"copy"``-ed, or
+            ``"ignore"``-d. Integer buffers (e.g. ``num_batches_tracked``) are always copied, never averaged.
+        trainable_only: Track only parameters with ``requires_grad`` (e.g. LoRA adapters), and no buffers.
+        device: Keep the EMA on this device (e.g. ``"cpu"`` to offload); default: next to each parameter.
+        accelerator: An ``accelerate.Accelerator``: used to unwrap the model, to skip optimizer steps it reports
+            as skipped (fp16 overflow), and to save/load the EMA with ``save_state`` / ``load_state``.
+        side_stream: On CUDA, run the update on a side stream; it is joined before the next optimizer step
+            and before the EMA is read.
+        **schedule_kwargs: Passed to the schedule's constructor, so a SuperGradients ``ema_params`` dict works.
+
+    Example:
+        >>> model = nn.Linear(4, 2)
+        >>> ema = EMAState(model, decay=0.9, decay_type="constant")
+        >>> with torch.no_grad():
+        ...     _ = model.weight.add_(1.0)
+        >>> ema.update()
+        0.9
+        >>> with ema.average_parameters():
+        ...     pass  # evaluate with the EMA weights here
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        decay_type: str | IDecayFunction = "constant",
+        *,
+        beta: float = 15.0,
+        total_steps: int | None = None,
+        update_every: int = 1,
+        dtype: torch.dtype | str | None = torch.float32,
+        buffers: str = "average",
+        trainable_only: bool = False,
+        device: str | torch.device | None = None,
+        accelerator: Any = None,
+        side_stream: bool = False,
+        **schedule_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        self.decay = _check_decay(decay)
+        self.update_every = _check_update_every(update_every)
+        self.total_steps = _check_total_steps(total_steps)
+        self.dtype = _resolve_dtype(dtype)
+        if buffers not in _BUFFER_MODES:
+            raise ValueError(f"`buffers` must be one of {_BUFFER_MODES}, got {buffers!r}")
+        self.buffers = buffers
+        self.trainable_only = bool(trainable_only)
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
+        self.schedule_kwargs = {"beta": beta, **schedule_kwargs}
+        self.decay_type, self.schedule = build_schedule(decay_type, **self.schedule_kwargs)
+        self._check_schedule_needs()
+
+        self.accelerator = accelerator
+        self.model = dist_utils.unwrap_model(model, accelerator)
+        self.step = 0
+        self.num_updates = 0
+        self.last_decay: float | None = None
+        self._swapped = False
+        self._xor_swapped: list[_Entry] = []
+        self._backups: list[tuple[_Entry, torch.Tensor]] = []
+        self._pending_offload: tuple[float, Any] | None = None
+        self.side_stream = bool(side_stream)
+        self._stream: Any = None
+        self._event: Any = None
+        self._hook_handle: Any = None
+
+        self._entries = self._collect_entries()
+        if not self._entries:
+            raise ValueError(
+                "The model has nothing to average: no floating-point parameters"
+                + (" with requires_grad=True (trainable_only=True)" if self.trainable_only else "")
+            )
+        self._build_groups()
+        self._setup_side_stream()
+        if accelerator is not None and hasattr(accelerator, "register_save_state_pre_hook"):
+            from .accelerate_hooks import register_with_accelerator
+
+            register_with_accelerator(self, accelerator)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_schedule_needs(self) -> None:
+        if getattr(self.schedule, "requires_total_steps", False) and self.total_steps is None:
+            raise ValueError(
+                f"decay_type={self.decay_type!r} needs `total_steps` (the planned number of optimizer steps); "
+                "pass total_steps=... (the Trainer callback sets it from max_steps)"
+            )
+
+    def _ema_dtype(self, t: torch.Tensor) -> torch.dtype:
+        if self.dtype is None or t.dtype == torch.float64:
+            return t.dtype
+        return self.dtype
+
+    def _collect_entries(self) -> list[_Entry]:
+        entries: list[_Entry] = []
+        for name, p in self.model.named_parameters():
+            if not p.is_floating_point() or (self.trainable_only and not p.requires_grad):
+                continue
+            entries.append(self._make_entry(name, "param", "average", p))
+        if not self.trainable_only:
+            for name, b in _persistent_buffers(self.model):
+                if not b.is_floating_point():
+                    entries.append(self._make_entry(name, "buffer", "copy", b))
+                elif self.buffers != "ignore":
+                    entries.append(self._make_entry(name, "buffer", self.buffers, b))
+        return entries
+
+    def _make_entry(self, name: str, kind: str, mode: str, source: torch.Tensor) -> _Entry:
+        live = dist_utils.local_tensor(source)
+        dtype = self._ema_dtype(live) if mode == "average" else live.dtype
+        device = self.device if self.device is not None else live.device
+        with torch.no_grad():
+            ema = torch.empty(live.shape, dtype=dtype, device=device)
+            ema.copy_(live)
+        staging = None
+        if device != live.device and mode == "average" and live.device.type != "cpu" and device.type == "cpu":
+            staging = torch.empty(
+                live.shape, dtype=live.dtype, device="cpu", pin_memory=torch.cuda.is_available()
+            )
+        return _Entry(name, kind, mode, source, live, ema, staging)
+
+    def _build_groups(self) -> None:
+        """Cache the tensor lists that :meth:`update` works on, one group per (device, dtypes)."""
+        avg: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        copy: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._offload: list[_Entry] = []
+        for e in self._entries:
+            if e.staging is not None:
+                self._offload.append(e)
+                src = e.staging
+            else:
+                src = e.live
+            groups = avg if e.mode == "average" else copy
+            key = (e.ema.device, e.ema.dtype, src.device, src.dtype)
+            lists = groups.setdefault(key, ([], []))
+            lists[0].append(e.ema)
+            lists[1].append(src)
+        self._avg_same = [v for k, v in avg.items() if k[0] == k[2] and k[1] == k[3]]
+        self._avg_mixed = [v for k, v in avg.items() if not (k[0] == k[2] and k[1] == k[3])]
+        self._copy_groups = list(copy.values())
+        self._names = [e.name for e in self._entries]
+        self._by_name = {e.name: e for e in self._entries}
+
+    def _setup_side_stream(self) -> None:
+        if not self.side_stream:
+            return
+        devices = {e.live.device for e in self._entries}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            logger.warning("side_stream=True needs all tracked tensors on one CUDA device; updating inline.")
+            self.side_stream = False
+            return
+        dev = next(iter(devices))
+        self._stream = torch.cuda.Stream(device=dev)
+        self._event = torch.cuda.Event()
+        ref = weakref.ref(self)
+
+        def _join_before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+            obj = ref()
+            if obj is not None:
+                obj.wait()
+
+        self._hook_handle = torch.optim.optimizer.register_optimizer_step_pre_hook(_join_before_step)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_hook_handle", None)
+        if handle is not None:
+            handle.remove()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def names(self) -> list[str]:
+        """State-dict names of the tracked tensors, in model order."""
+        return list(self._names)
+
+    def num_bytes(self) -> int:
+        """Bytes held by this process's EMA tensors (its shards only, on sharded models)."""
+        return sum(e.ema.numel() * e.ema.element_size() for e in self._entries)
+
+    # ------------------------------------------------------------------ update
+    def decay_at(self, step: int) -> float:
+        """The schedule's decay for the optimizer step with 0-based index ``step``, checked to lie in [0, 1]."""
+        d = self.schedule(self.decay, step, self.total_steps)
+        try:
+            d = float(d)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Decay schedule {self.schedule!r} returned {d!r} at step {step}; expected a float"
+            ) from None
+        if not (0.0 <= d <= 1.0):  # also rejects NaN
+            raise ValueError(
+                f"Decay schedule {self.schedule!r} returned {d!r} at step {step}; a decay must lie in [0, 1]"
+            )
+        return d
+
+    @torch.no_grad()
+    def update(self) -> float | None:
+        """Account for one finished optimizer step and, every ``update_every`` steps, average.
+
+        ``d = schedule(decay, step, total_steps)``; on averaging steps ``ema = ema * d**N + param * (1 - d**N)``.
+
+        Returns:
+            ``d``, the schedule's decay for this step; ``None`` when the accelerator reports that the optimizer
+            skipped the step (fp16 overflow): such a step is neither counted nor averaged.
+
+        Example:
+            >>> ema = EMAState(nn.Linear(2, 2), decay=0.5)
+            >>> ema.update(), ema.step
+            (0.5, 1)
+        """
+        if self._swapped:
+            raise RuntimeError("EMAState.update() called inside average_parameters(): leave the block first")
+        if self.accelerator is not None and getattr(self.accelerator, "optimizer_step_was_skipped", False):
+            return None
+        d = self.decay_at(self.step)
+        self.step += 1
+        self.last_decay = d
+        if self.step % self.update_every == 0:
+            weight = 1.0 - d**self.update_every
+            if self._stream is not None:
+                self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+                with torch.cuda.stream(self._stream):
+                    self._apply(weight)
+                self._event.record(self._stream)
+            else:
+                self._apply(weight)
+            self.num_updates += 1
+        return d
+
+    def _apply(self, weight: float) -> None:
+        self._flush_offload()
+        for ema, live in self._avg_same:
+            torch._foreach_lerp_(ema, live, weight)
+        for ema, live in self._avg_mixed:
+            if ema[0].device != live[0].device:
+                continue  # offloaded entries: staged below
+            # fp32 EMA of bf16/fp16 parameters: the scaled add promotes in place, no full-size temporaries.
+            torch._foreach_mul_(ema, 1.0 - weight)
+            torch._foreach_add_(ema, live, alpha=weight)
+        for ema, live in self._copy_groups:
+            torch._foreach_copy_(ema, live)
+        if self._offload:
+            torch._foreach_copy_(
+                [e.staging for e in self._offload], [e.live for e in self._offload], non_blocking=True
+            )
+            event = torch.cuda.Event() if torch.cuda.is_available() else None
+            if event is not None:
+                event.record()
+            self._pending_offload = (weight, event)
+
+    def _flush_offload(self) -> None:
+        """Finish a pending CPU-offloaded update: wait for its device-to-host copies, then average on the host."""
+        if self._pending_offload is None:
+            return
+        weight, event = self._pending_offload
+        self._pending_offload = None
+        if event is not None:
+            event.synchronize()
+        emas = [e.ema for e in self._offload]
+        stag = [e.staging for e in self._offload]
+        if all(a.dtype == b.dtype for a, b in zip(emas, stag, strict=True)):
+            torch._foreach_lerp_(emas, stag, weight)
+        else:
+            torch._foreach_mul_(emas, 1.0 - weight)
+            torch._foreach_add_(emas, stag, alpha=weight)
+
+    def wait(self) -> None:
+        """Make the EMA current: join a side-stream update and finish a pending offloaded one."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(self._event)
+        self._flush_offload()
+
+    # ------------------------------------------------------------------ swap / copy
+    def _current_ema(self, e: _Entry) -> torch.Tensor:
+        """Where the EMA value of ``e`` lives right now (the model holds it while swapped by XOR)."""
+        if self._swapped and any(x is e for x in self._xor_swapped):
+            return e.live
+        return e.ema
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Put the EMA weights into the model, or, if they are in, put the training weights back (bitwise).
+
+        Same-dtype tensors are exchanged in place by XOR of their bit patterns (no extra memory); when the EMA has
+        another dtype or device than the parameter, the parameter is backed up and restored from the backup.
+        Prefer :meth:`average_parameters`, which restores on exit even when its block raises.
+        """
+        self.wait()
+        if not self._swapped:
+            self._xor_swapped, self._backups = [], []
+            for e in self._entries:
+                if e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
+                    _xor_swap(e.ema, e.live)
+                    self._xor_swapped.append(e)
+                else:
+                    self._backups.append((e, e.live.clone()))
+                    e.live.copy_(e.ema)
+            self._swapped = True
+        else:
+            for e in self._xor_swapped:
+                _xor_swap(e.ema, e.live)
+            for e, backup in self._backups:
+                e.live.copy_(backup)
+            self._xor_swapped, self._backups = [], []
+            self._swapped = False
+
+    @contextlib.contextmanager
+    def average_parameters(self) -> Iterator[nn.Module]:
+        """Context manager: the model holds the EMA weights inside the block, its own weights (bitwise) after.
+
+        Example:
+            >>> model = nn.Linear(2, 2)
+            >>> ema = EMAState(model, decay=0.5)
+            >>> with ema.average_parameters() as m:
+            ...     _ = m(torch.ones(1, 2))
+        """
+        if self._swapped:
+            raise RuntimeError("average_parameters() blocks cannot be nested")
+        self.swap()
+        try:
+            yield self.model
+        finally:
+            self.swap()
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Write the EMA weights into ``model`` (default: the tracked model) for good.
+
+        Args:
+            model: Another module with the same state-dict names (e.g. a fresh copy for export); its tensors must
+                have the tracked shapes (local shapes on sharded models).
+        """
+        self.wait()
+        if model is None:
+            if self._swapped:  # the model already holds the EMA: keep it there, forget the training weights
+                for e in self._xor_swapped:
+                    e.ema.copy_(e.live)
+                self._xor_swapped, self._backups, self._swapped = [], [], False
+                return
+            for e in self._entries:
+                e.live.copy_(e.ema)
+            return
+        target = dist_utils.unwrap_model(model)
+        tensors = dict(target.named_parameters())
+        tensors.update(_persistent_buffers(target))
+        missing = [e.name for e in self._entries if e.name not in tensors]
+        if missing:
+            raise ValueError(
+                f"copy_to: the target model lacks {len(missing)} tracked tensor(s): {missing[:10]}"
+            )
+        for e in self._entries:
+            dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))
+
+    # ------------------------------------------------------------------ state dict
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "hf_ema",
+            "library_version": _library_version(),
+            "step": self.step,
+            "num_updates": self.num_updates,
+            "last_decay": self.last_decay,
+            "decay": self.decay,
+            "decay_type": self.decay_type,
+            "schedule_kwargs": _jsonable(self.schedule.config()),
+            "total_steps": self.total_steps,
+            "update_every": self.update_every,
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
+            "buffers": self.buffers,
+            "trainable_only": self.trainable_only,
+            "names": list(self._names),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-exactly: ``{"ema": {name: tensor}, "meta": {...}}``.
+
+        ``ema`` holds this process's EMA tensors (local shards on sharded models) by reference; ``meta`` is
+        JSON-serialisable (step, schedule name and arguments, options).
+        """
+        self.wait()
+        return {"ema": {e.name: self._current_ema(e) for e in self._entries}, "meta": self._meta()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore from :meth:`state_dict` output (tensors shaped like this process's EMA tensors).
+
+        Raises:
+            ValueError: If names or shapes differ from the tracked ones (the message lists them), or the state is
+                malformed.
+        """
+        if not isinstance(state_dict, Mapping) or "ema" not in state_dict or "meta" not in state_dict:
+            raise ValueError("EMAState.load_state_dict expects a mapping with 'ema' and 'meta' keys")
+        self._load(state_dict["ema"], state_dict["meta"], strict=strict, full=False)
+
+    def _check_names_shapes(self, tensors: Mapping[str, torch.Tensor], full: bool, strict: bool) -> None:
+        names = set(self._names)
+        missing = sorted(names - set(tensors)) if strict else []
+        unexpected = sorted(set(tensors) - names)
+        wrong = []
+        for e in self._entries:
+            if e.name in tensors:
+                want = tuple(e.source.shape) if full else tuple(e.ema.shape)
+                got = tuple(tensors[e.name].shape)
+                if want != got:
+                    wrong.append(f"{e.name}: saved {got} vs model {want}")
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing from the saved EMA ({len(missing)}): {missing}")
+            if unexpected:
+                parts.append(f"not in the model ({len(unexpected)}): {unexpected}")
+            if wrong:
+                parts.append(f"shape mismatch ({len(wrong)}): {wrong}")
+            raise ValueError("The saved EMA does not match the model: " + "; ".join(parts))
+
+    def _load(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], strict: bool, full: bool
+    ) -> None:
+        if self._swapped:
+            raise RuntimeError("Cannot load an EMA state inside average_parameters()")
+        self.wait()
+        self._check_names_shapes(tensors, full=full, strict=strict)
+        self._load_meta(meta)
+        for e in self._entries:
+            if e.name not in tensors:
+                continue
+            t = tensors[e.name]
+            if full:
+                t = dist_utils.shard_like(e.source, t)
+            e.ema.copy_(t)
+
+    def _load_meta(self, meta: Mapping[str, Any]) -> None:
+        try:
+            self.step = int(meta["step"])
+            self.num_updates = int(meta.get("num_updates", self.step // self.update_every))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"Malformed EMA meta (needs an integer 'step'): {e}") from e
+        self.last_decay = meta.get("last_decay")
+        saved_kwargs = meta.get("schedule_kwargs") or {}
+        saved = (meta.get("decay"), meta.get("decay_type"), meta.get("update_every"), saved_kwargs)
+        mine = (self.decay, self.decay_type, self.update_every, _jsonable(self.schedule.config()))
+        if saved[0] is not None and saved != mine:
+            logger.warning(
+                "Loaded EMA state was saved with decay=%s, decay_type=%s, update_every=%s, schedule %s; continuing "
+                "with the saved settings instead of decay=%s, decay_type=%s, update_every=%s, schedule %s.",
+                *saved,
+                *mine,
+            )
+            self.decay = _check_decay(saved[0])
+            self.update_every = _check_update_every(int(saved[2] or 1))
+            if (saved[1], saved[3]) != (mine[1], mine[3]):
+                try:
+                    self.decay_type, self.schedule = build_schedule(saved[1], **saved_kwargs)
+                except ValueError:
+                    logger.warning(
+                        "Saved decay_type %r is not registered; keeping %r.", saved[1], self.decay_type
+                    )
+        if self.total_steps is None and meta.get("total_steps") is not None:
+            self.total_steps = int(meta["total_steps"])
+
+    # ------------------------------------------------------------------ full weights and files
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA as a full state dict under the model's own names (what ``ema_net/model.safetensors`` holds).
+
+        Untracked persistent buffers (``buffers="ignore"``) are taken from the model so that the result loads as
+        a complete model; with ``trainable_only=True`` only the tracked tensors are returned. On sharded models
+        the shards are gathered (a collective: call it on every rank); tensors are on the CPU.
+        """
+        self.wait()
+        out: dict[str, torch.Tensor] = {}
+        for e in self._entries:
+            out[e.name] = dist_utils.full_tensor(e.source, self._current_ema(e))
+        if not self.trainable_only and self.buffers == "ignore":
+            for name, b in _persistent_buffers(self.model):
+                out.setdefault(name, dist_utils.full_tensor(b, dist_utils.local_tensor(b)))
+        return out
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically.
+
+        On several processes every rank must call it (shards are gathered); only the main process writes.
+
+        Example:
+            >>> import tempfile
+            >>> ema = EMAState(nn.Linear(2, 2), decay=0.5)
+            >>> ema.save(tempfile.mkdtemp()).name
+            'ema_net'
+        """
+        tensors = self.ema_state_dict()
+        path = Path(directory) / "ema_net"
+        if dist_utils.is_main_process():
+            path = save_ema_net(directory, tensors, self._meta(), getattr(self.model, "config", None))
+        return path
+
+    def _load_dir(self, directory: str | os.PathLike) -> EMAState:
+        tensors, meta = load_ema_net(directory)
+        try:
+            self._load(tensors, meta, strict=True, full=True)
+        except ValueError as e:
+            raise EMAFileError(f"Cannot load the EMA from {str(directory)!r}: {e}") from e
+        return self
+
+    @classmethod
+    def _from_dir(cls, directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
+        _, meta = load_ema_net(directory)
+        kwargs: dict[str, Any] = {
+            "decay": meta.get("decay", 0.9999),
+            "decay_type": meta.get("decay_type", "constant"),
+            "total_steps": meta.get("total_steps"),
+            "update_every": meta.get("update_every", 1),
+            "dtype": meta.get("dtype", "float32"),
+            "buffers": meta.get("buffers", "average"),
+            "trainable_only": meta.get("trainable_only", False),
+            **meta.get("schedule_kwargs", {}),
+        }
+        kwargs.update(overrides)
+        return cls(model, **kwargs)._load_dir(directory)
+
+    load = None  # replaced below by a method usable on the class and on instances
+
+    def __repr__(self) -> str:
+        return (
+            f"EMAState(decay={self.decay}, decay_type={self.decay_type!r}, step={self.step}, "
+            f"tensors={len(self._entries)}, bytes={self.num_bytes()})"
+        )
+
+
+class _InstanceOrClassLoad:
+    """``ema.load(dir)`` restores this EMA; ``EMAState.load(dir, model, **overrides)`` builds one."""
+
+    def __get__(self, obj: EMAState | None, objtype: type | None = None) -> Any:
+        if obj is None:
+
+            def load(directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
+                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON)."""
+                return objtype._from_dir(directory, model, **overrides)
+
+            return load
+
+        def load_into(directory: str | os.PathLike) -> EMAState:
+            """Restore this EMA from ``directory/ema_net`` (or an ``ema_net`` folder itself)."""
+            return obj._load_dir(directory)
+
+        return load_into
+
+
+EMAState.load = _InstanceOrClassLoad()  # type: ignore[assignment]
+
+
+def _xor_swap(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the contents of two same-dtype tensors in place, bit-exactly, without a temporary."""
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    if not (a.is_contiguous() and b.is_contiguous()):
+        tmp = a.clone()
+        a.copy_(b)
+        b.copy_(tmp)
+        return
+    x, y = a.view(bits), b.view(bits)
+    x.bitwise_xor_(y)
+    y.bitwise_xor_(x)
+    x.bitwise_xor_(y)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
