@@ -240,6 +240,11 @@ class EMAState:
         live = dist_utils.local_tensor(source)
         dtype = self._ema_dtype(live) if mode == "average" else live.dtype
         device = self.device if self.device is not None else live.device
+        if device != live.device and device.type != "cpu":
+            raise ValueError(
+                f"`device`={str(device)!r}: the EMA can live next to each parameter (device=None) or in host memory "
+                f"(device='cpu'), but {name!r} is on {live.device}"
+            )
         with torch.no_grad():
             ema = torch.empty(live.shape, dtype=dtype, device=device)
             ema.copy_(live)
@@ -256,16 +261,14 @@ class EMAState:
         copy: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._offload: list[_Entry] = []
         for e in self._entries:
-            if e.staging is not None:
+            if e.staging is not None:  # averaged on the host from a staged copy, see _flush_offload
                 self._offload.append(e)
-                src = e.staging
-            else:
-                src = e.live
+                continue
             groups = avg if e.mode == "average" else copy
-            key = (e.ema.device, e.ema.dtype, src.device, src.dtype)
+            key = (e.ema.device, e.ema.dtype, e.live.device, e.live.dtype)
             lists = groups.setdefault(key, ([], []))
             lists[0].append(e.ema)
-            lists[1].append(src)
+            lists[1].append(e.live)
         self._avg_same = [v for k, v in avg.items() if k[0] == k[2] and k[1] == k[3]]
         self._avg_mixed = [v for k, v in avg.items() if not (k[0] == k[2] and k[1] == k[3])]
         self._copy_groups = list(copy.values())
@@ -362,8 +365,6 @@ class EMAState:
         for ema, live in self._avg_same:
             torch._foreach_lerp_(ema, live, weight)
         for ema, live in self._avg_mixed:
-            if ema[0].device != live[0].device:
-                continue  # offloaded entries: staged below
             # fp32 EMA of bf16/fp16 parameters: the scaled add promotes in place, no full-size temporaries.
             torch._foreach_mul_(ema, 1.0 - weight)
             torch._foreach_add_(ema, live, alpha=weight)
