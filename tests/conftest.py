@@ -1,0 +1,19 @@
+"""Test settings shared by the whole suite: offline Hugging Face Hub, repo root importable, small thread count."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import torch  # noqa: E402
+
+# The suite runs on small CPU machines shared with other jobs: tiny models gain nothing from many threads.
+torch.set_num_threads(min(2, torch.get_num_threads()))
