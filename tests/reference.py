@@ -22,10 +22,17 @@ import torch
 __all__ = [
     "constant_decay",
     "decays_for",
+    "drive",
     "exp_decay",
+    "float_params",
+    "perturb_",
     "record",
     "reference_ema",
     "threshold_decay",
+    "tiny_bert",
+    "tiny_bert_config",
+    "tiny_bn_net",
+    "tiny_mlp",
     "to_numpy",
 ]
 
