@@ -12,6 +12,8 @@ Example:
 
 __version__ = "0.1.0"
 
+from .args import EMAArguments
+from .callback import EMATrainerCallback
 from .io import EMAFileError, load_ema_net, save_ema_net
 from .loading import load_model
 from .schedules import EMA_DECAY_FUNCTIONS, ConstantDecay, ExpDecay, IDecayFunction, ThresholdDecay
@@ -20,8 +22,10 @@ from .state import EMAState
 __all__ = [
     "EMA_DECAY_FUNCTIONS",
     "ConstantDecay",
+    "EMAArguments",
     "EMAFileError",
     "EMAState",
+    "EMATrainerCallback",
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",

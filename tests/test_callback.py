@@ -1,0 +1,351 @@
+"""EMATrainerCallback with a real ``transformers.Trainer`` on tiny models (CPU, a few dozen steps each).
+
+The expected EMA is always computed by ``reference.reference_ema`` (NumPy, float64) from the training weights that
+``_trainer_utils.Recorder`` snapshots after every optimizer step, never by hf_ema itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _trainer_utils import Recorder, TinyNet, ToyDataset, same_bits, snapshot, training_args
+from reference import decays_for, reference_ema, tiny_bert
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, Trainer
+
+from hf_ema import EMATrainerCallback, load_model
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def np_hist(history):
+    return [{k: v.double().numpy() for k, v in h.items()} for h in history]
+
+
+def assert_close_to(tensors, ref, names=None):
+    names = list(ref) if names is None else names
+    for n in names:
+        got = tensors[n].detach().double().cpu().numpy()
+        np.testing.assert_allclose(got, ref[n], rtol=RTOL, atol=ATOL, err_msg=n)
+
+
+def far_from(tensors, ref, min_diff=1e-3):
+    """The largest absolute difference is well above the comparison tolerance (the check can fail)."""
+    return max(float(np.abs(tensors[n].detach().double().numpy() - ref[n]).max()) for n in ref) > min_diff
+
+
+def run(tmp_path, model, cb, data=None, eval_data=None, trainer_cls=Trainer, resume=None, **args):
+    rec = Recorder(model)
+    trainer = trainer_cls(
+        model=model,
+        args=training_args(tmp_path, **args),
+        train_dataset=data if data is not None else ToyDataset(64),
+        eval_dataset=eval_data,
+        callbacks=[rec, cb],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, rec
+
+
+# ----------------------------------------------------------------------------------------------- EMA values
+@pytest.mark.parametrize(
+    ("decay_type", "kw"), [("constant", {}), ("threshold", {}), ("exp", {"beta": 4.0})]
+)
+def test_ema_equals_reference_for_each_schedule(tmp_path, decay_type, kw):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8, decay_type=decay_type, **kw)
+    trainer, rec = run(
+        tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), eval_strategy="steps", eval_steps=6, max_steps=20
+    )
+    assert len(rec.history) == 21 and cb.ema.step == 20
+    ref = reference_ema(np_hist(rec.history), decays_for(decay_type, 0.8, 20, 20, **kw))
+    state = cb.ema.state_dict()["ema"]
+    assert_close_to(state, ref)
+    assert far_from(rec.history[-1], ref) and far_from(rec.history[0], ref)
+    # No EMA weights reached a forward/backward or an optimizer step, though 4 evaluations swapped them in.
+    assert sorted(rec.eval_weights) == [6, 12, 18, 20]
+    assert rec.leaks == []
+    # Each evaluation saw the EMA of that step.
+    for step, weights in rec.eval_weights.items():
+        ref_k = reference_ema(np_hist(rec.history[: step + 1]), decays_for(decay_type, 0.8, step, 20, **kw))
+        assert_close_to(weights, ref_k)
+    # The logged decay is the schedule's value at the logged step (0-based index step - 1).
+    logged = {h["step"]: h["ema_decay"] for h in trainer.state.log_history if "ema_decay" in h}
+    assert sorted(logged) == list(range(1, 21))
+    want = decays_for(decay_type, 0.8, 20, 20, **kw)
+    assert [logged[s] for s in range(1, 21)] == pytest.approx(want, rel=1e-12)
+    # End of training: the model holds the EMA.
+    assert_close_to(dict(model.named_parameters()), ref)
+
+
+def test_replace_at_end_false_keeps_training_weights(tmp_path):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8, replace_at_end=False)
+    _, rec = run(tmp_path, model, cb, max_steps=8)
+    assert same_bits(snapshot(model), rec.history[-1])
+    ref = reference_ema(np_hist(rec.history), decays_for("constant", 0.8, 8))
+    assert_close_to(cb.ema.state_dict()["ema"], ref)
+
+
+def test_gradient_accumulation_one_update_per_optimizer_step(tmp_path):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.7, decay_type="threshold", update_every=2)
+    _, rec = run(tmp_path, model, cb, gradient_accumulation_steps=4, per_device_train_batch_size=4, max_steps=6)
+    # 6 optimizer steps of 4 micro-batches each: 18 micro-batches in between, 6 EMA steps, 3 averages.
+    assert rec.substeps == 18
+    assert len(rec.history) == 7
+    assert cb.ema.step == 6 and cb.ema.num_updates == 3
+    ref = reference_ema(np_hist(rec.history), decays_for("threshold", 0.7, 6), update_every=2)
+    assert_close_to(cb.ema.state_dict()["ema"], ref)
+    assert far_from(rec.history[-1], ref)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def _eval_loss(model, tmp_path, eval_data):
+    trainer = Trainer(model=model, args=training_args(tmp_path / "separate"), eval_dataset=eval_data)
+    return trainer.evaluate()["eval_loss"]
+
+
+def _with_weights(make, weights):
+    model = make()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.as_tensor(np.asarray(weights[n]), dtype=p.dtype))
+    return model
+
+
+def test_checkpoints_eval_metrics_and_eval_both_with_pretrained_model(tmp_path):
+    """Tiny BERT: every evaluation is the EMA's, eval_both reports the training weights, ema_net loads."""
+    data = ToyDataset(64, tokens=True)
+    eval_data = ToyDataset(32, seed=1, tokens=True)
+    model = tiny_bert(seed=0)
+    cb = EMATrainerCallback(decay=0.7, decay_type="threshold", eval_both=True)
+    out = tmp_path / "out"
+    trainer, rec = run(
+        out, model, cb, data=data, eval_data=eval_data, max_steps=15, eval_strategy="steps", eval_steps=5,
+        save_strategy="steps", save_steps=5, save_total_limit=2, learning_rate=0.3,
+    )
+    assert rec.leaks == []
+    decays = decays_for("threshold", 0.7, 15)
+    logs = {h["step"]: h for h in trainer.state.log_history if "eval_loss" in h}
+    raw_logs = {h["step"]: h for h in trainer.state.log_history if "eval_raw_loss" in h}
+    assert sorted(logs) == sorted(raw_logs) == [5, 10, 15]
+    for step in (5, 10, 15):
+        ref = reference_ema(np_hist(rec.history[: step + 1]), decays[:step])
+        ema_model = _with_weights(lambda: tiny_bert(seed=0), ref)
+        assert logs[step]["eval_loss"] == pytest.approx(_eval_loss(ema_model, tmp_path, eval_data), rel=1e-5)
+        raw_model = _with_weights(lambda: tiny_bert(seed=0), np_hist([rec.history[step]])[0])
+        raw = _eval_loss(raw_model, tmp_path, eval_data)
+        assert raw_logs[step]["eval_raw_loss"] == pytest.approx(raw, rel=1e-5)
+        assert abs(raw - logs[step]["eval_loss"]) > 1e-4  # the two evaluations really differ
+        # eval_both's metrics also reach the metrics dict the Trainer got back (and log history)
+        assert rec.eval_metrics[step]["eval_loss"] == logs[step]["eval_loss"]
+    # save_total_limit=2: checkpoint-5 rotated away with its ema_net; the others have theirs.
+    assert sorted(os.listdir(out)) == ["checkpoint-10", "checkpoint-15"]
+    for step in (10, 15):
+        ckpt = out / f"checkpoint-{step}"
+        # the checkpoint's regular weights are the training weights, bitwise
+        saved = load_file(str(ckpt / "model.safetensors"))
+        for n, t in rec.history[step].items():
+            assert torch.equal(saved[n], t), n
+        # ema_net: a full model that AutoModel... loads, holding the EMA of that step
+        loaded = AutoModelForSequenceClassification.from_pretrained(str(ckpt / "ema_net"))
+        ref = reference_ema(np_hist(rec.history[: step + 1]), decays[:step])
+        assert_close_to(dict(loaded.named_parameters()), ref)
+        meta = json.loads((ckpt / "ema_net" / "ema_state.json").read_text())
+        assert meta["step"] == step
+        via_helper = load_model(AutoModelForSequenceClassification, ckpt)
+        assert same_bits(snapshot(via_helper), snapshot(loaded))
+
+
+def test_epoch_eval_strategy_uses_ema(tmp_path):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8, decay_type="constant")
+    # 64 samples / batch 8 = 8 steps per epoch, 2 epochs
+    _, rec = run(
+        tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), max_steps=-1, num_train_epochs=2,
+        eval_strategy="epoch",
+    )
+    assert sorted(rec.eval_weights) == [8, 16] and rec.leaks == []
+    for step in (8, 16):
+        ref = reference_ema(np_hist(rec.history[: step + 1]), decays_for("constant", 0.8, step))
+        assert_close_to(rec.eval_weights[step], ref)
+        assert far_from(rec.history[step], ref)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_resume_equals_uninterrupted_run_bitwise(tmp_path, caplog):
+    kw = dict(max_steps=16, save_strategy="steps", save_steps=4, eval_data=ToyDataset(32, seed=1))
+    full_model = TinyNet()
+    full_cb = EMATrainerCallback(decay=0.8, decay_type="exp", beta=5.0)
+    run(tmp_path / "full", full_model, full_cb, **kw)
+    full_ema = {k: v.clone() for k, v in full_cb.ema.state_dict()["ema"].items()}
+
+    # Resume from checkpoint-8 (copied to a fresh output dir), with an evaluation right at the start.
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", out / "checkpoint-8")
+    model = TinyNet(seed=123)  # different init: everything must come from the checkpoint
+    cb = EMATrainerCallback(decay=0.8, decay_type="exp", beta=5.0)
+    _, rec = run(out, model, cb, resume=str(out / "checkpoint-8"), eval_on_start=True, **kw)
+    assert rec.start_step == 8 and cb.ema.step == 16
+    for k, v in full_ema.items():
+        assert torch.equal(cb.ema.state_dict()["ema"][k], v), k
+    # eval_on_start after resuming saw the checkpoint's EMA, not the resumed training weights
+    saved_ema = load_file(str(out / "checkpoint-8" / "ema_net" / "model.safetensors"))
+    assert same_bits(rec.eval_weights[8], {k: saved_ema[k] for k in rec.eval_weights[8]})
+    assert not same_bits(rec.eval_weights[8], rec.history[0])
+    assert rec.leaks == []
+
+    # A checkpoint without ema_net: a warning, and the EMA starts from the loaded weights.
+    out2 = tmp_path / "no_ema"
+    out2.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-8", out2 / "checkpoint-8")
+    shutil.rmtree(out2 / "checkpoint-8" / "ema_net")
+    cb2 = EMATrainerCallback(decay=0.8, decay_type="exp", beta=5.0)
+    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+        _, rec2 = run(out2, TinyNet(seed=5), cb2, resume=True, **kw)
+    assert any("no `ema_net`" in r.getMessage() for r in caplog.records)
+    ref = reference_ema(np_hist(rec2.history), decays_for("exp", 0.8, 16, 16, beta=5.0)[8:])
+    assert_close_to(cb2.ema.state_dict()["ema"], ref)
+
+
+# ----------------------------------------------------------------------------------------------- best model
+@pytest.mark.parametrize("replace_at_end", [True, False])
+def test_load_best_model_at_end_ends_with_best_checkpoints_ema(tmp_path, replace_at_end):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.6, replace_at_end=replace_at_end)
+    # greater_is_better on eval_loss makes an early, worse checkpoint "best", so best != last
+    scores = iter([1.0, 5.0, 2.0, 3.0])  # the 2nd evaluation (step 8) scores best, so best != last
+
+    def compute_metrics(pred):
+        return {"score": next(scores), "accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    rec = Recorder(model)
+    trainer = Trainer(
+        model=model,
+        args=training_args(
+            tmp_path, max_steps=16, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+            load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+        ),
+        train_dataset=ToyDataset(64),
+        eval_dataset=ToyDataset(32, seed=1),
+        compute_metrics=compute_metrics,
+        callbacks=[rec, cb],
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-8")
+    best_step = 8
+    assert rec.leaks == []
+    ref = reference_ema(np_hist(rec.history[: best_step + 1]), decays_for("constant", 0.6, best_step))
+    assert_close_to(cb.ema.state_dict()["ema"], ref)
+    if replace_at_end:
+        assert_close_to(dict(model.named_parameters()), ref)
+    else:  # the Trainer's own choice: the best checkpoint's training weights
+        assert same_bits(snapshot(model), rec.history[best_step])
+
+
+# ----------------------------------------------------------------------------------------------- distillation
+class DistillTrainer(Trainer):
+    def __init__(self, *args, teacher=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(x=inputs["x"], labels=inputs["labels"])
+        with torch.no_grad():
+            t_logits = self.teacher(x=inputs["x"])["logits"]
+        kd = torch.nn.functional.kl_div(
+            out["logits"].log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+        )
+        loss = 0.5 * out["loss"] + 0.5 * kd
+        return (loss, out) if return_outputs else loss
+
+
+def test_distillation_averages_student_only(tmp_path):
+    teacher = TinyNet(seed=7)
+    teacher_before = snapshot(teacher)
+    student = TinyNet(seed=0)
+    cb = EMATrainerCallback(decay=0.8)
+    rec = Recorder(student)
+    trainer = DistillTrainer(
+        model=student, args=training_args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10),
+        train_dataset=ToyDataset(64), callbacks=[rec, cb], teacher=teacher,
+    )
+    trainer.train()
+    assert same_bits(snapshot(teacher), teacher_before)
+    assert cb.ema.names == [n for n, _ in student.named_parameters()]
+    saved = load_file(str(tmp_path / "checkpoint-10" / "ema_net" / "model.safetensors"))
+    assert sorted(saved) == sorted(n for n, _ in student.named_parameters())
+    ref = reference_ema(np_hist(rec.history), decays_for("constant", 0.8, 10))
+    assert_close_to(saved, ref)
+
+
+# ----------------------------------------------------------------------------------------------- PEFT
+def test_lora_trainable_only_averages_adapters(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+
+    def make():
+        return peft.get_peft_model(
+            tiny_bert(seed=0), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+        )
+
+    model = make()
+    cb = EMATrainerCallback(decay=0.7, trainable_only=True)
+    _, rec = run(
+        tmp_path, model, cb, data=ToyDataset(64, tokens=True), max_steps=8, save_strategy="steps", save_steps=8,
+        learning_rate=2.0,
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert cb.ema.names == trainable and any("lora_A" in n for n in trainable)
+    saved = load_file(str(tmp_path / "checkpoint-8" / "ema_net" / "model.safetensors"))
+    assert sorted(saved) == sorted(trainable)
+    ref = reference_ema(np_hist(rec.history), decays_for("constant", 0.7, 8), names=trainable)
+    assert_close_to(saved, ref)
+    frozen = [n for n in rec.history[0] if n not in trainable]
+    assert frozen and all(torch.equal(rec.history[0][n], rec.history[-1][n]) for n in frozen)
+    # load_model puts the averaged adapters onto a fresh base model
+    fresh = load_model(make(), tmp_path / "checkpoint-8")
+    assert_close_to(dict(fresh.named_parameters()), ref)
+    lora_b = [n for n in trainable if "lora_B" in n]
+    assert any(np.abs(ref[n]).max() > 1e-4 for n in lora_b)  # adapters really moved away from init (zeros)
+    assert far_from({n: rec.history[-1][n] for n in trainable}, ref, min_diff=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"decay": 1.5}, "decay"),
+        ({"decay": 0}, "decay"),
+        ({"decay_type": "bogus"}, "bogus"),
+        ({"update_every": 0}, "update_every"),
+        ({"buffers": "mean"}, "buffers"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"decay_type": "exp", "beta": -1.0}, "beta"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"replace_at_end": "yes"}, "replace_at_end"),
+        ({"eval_both": 1}, "eval_both"),
+        ({"raw_prefix": "eval"}, "raw_prefix"),
+        ({"device": "nonsense"}, "device"),
+    ],
+)
+def test_invalid_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EMATrainerCallback(**kwargs)
+
+
+def test_from_params_supergradients_dict():
+    cb = EMATrainerCallback.from_params({"ema": True, "decay": 0.9999, "decay_type": "exp", "beta": 15})
+    assert cb.ema_kwargs["decay"] == 0.9999 and cb.ema_kwargs["decay_type"] == "exp"
+    assert cb.ema_kwargs["beta"] == 15
+    with pytest.raises(ValueError, match="decay"):
+        EMATrainerCallback.from_params({"decay": 2.0})
+    with pytest.raises(TypeError, match="ema_params"):
+        EMATrainerCallback.from_params([("decay", 0.9)])
