@@ -143,7 +143,8 @@ def save_ema_net(
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    for stale in [old, *directory.glob(f".{EMA_DIRNAME}.old-*")]:  # incl. leftovers of interrupted saves
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -173,6 +174,22 @@ def load_ema_net(
     from safetensors.torch import load_file
 
     d = _ema_dir(path)
+    if not d.is_dir() and d.name == EMA_DIRNAME:
+        # A crash between the two renames of save_ema_net leaves the previous, complete folder under its
+        # ".old" name and no ema_net: resume from it rather than refuse.
+        olds = [
+            o
+            for o in d.parent.glob(f".{EMA_DIRNAME}.old-*")
+            if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
+        ]
+        if olds:
+            d = max(olds, key=lambda o: o.stat().st_mtime)
+            logger.warning(
+                "No %s at %r: loading the previous EMA left by an interrupted save, %r",
+                EMA_DIRNAME,
+                str(d.parent / EMA_DIRNAME),
+                str(d),
+            )
     if not d.is_dir():
         raise EMAFileError(
             f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
