@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "barrier",
+    "full_shape",
     "full_tensor",
     "is_dtensor",
     "is_main_process",
@@ -59,7 +61,25 @@ def unwrap_model(model: nn.Module, accelerator: Any = None) -> nn.Module:
             getattr(model, "module", None), nn.Module
         ):
             model = model.module
+    _refuse_fsdp1(model)
     return model
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """Raise if ``model`` holds FSDP1 (``FullyShardedDataParallel``) wrappers: their flat parameters hide names."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, FullyShardedDataParallel):
+            raise ValueError(
+                "`model` is wrapped by FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel"
+                + (f" at {name!r}" if name else "")
+                + "), which hf_ema does not support: its flattened parameters do not map to the model's own "
+                "names. Use FSDP2 instead: torch.distributed.fsdp.fully_shard, or Accelerate with "
+                "FullyShardedDataParallelPlugin(fsdp_version=2) / `fsdp_version: 2` in the accelerate config."
+            )
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -105,15 +125,54 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """Assemble the full tensor whose local part (laid out like ``source``'s) is ``local``; returned on the CPU.
 
-    For plain tensors this is ``local`` itself (moved to the CPU). For an FSDP2 ``DTensor`` the shards of all
-    ranks are gathered: a collective, so every rank must call it.
+
+def _zero3_layout(source: torch.Tensor) -> tuple[Any, int, int, int]:
+    """``(group, world size, rank, partition numel)`` of a ZeRO-3 parameter.
+
+    DeepSpeed cuts the flattened parameter into ``world`` equal partitions of ``partition numel`` elements
+    (the last one zero-padded); rank ``r`` of the parameter's process group holds elements
+    ``[r * n, (r + 1) * n)``.
+    """
+    group = getattr(source, "ds_process_group", None)
+    world = torch.distributed.get_world_size(group=group)
+    rank = torch.distributed.get_rank(group=group)
+    return group, world, rank, source.ds_tensor.numel()
+
+
+def full_shape(source: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor, also for a ZeRO-3 parameter (whose ``.shape`` is empty once partitioned).
+
+    Example:
+        >>> full_shape(torch.zeros(2, 3))
+        torch.Size([2, 3])
+    """
+    if is_zero3_param(source):
+        return torch.Size(source.ds_shape)
+    return source.shape
+
+
+def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Assemble the full tensor whose local part (laid out like ``local_tensor(source)``) is ``local``; on the CPU.
+
+    * plain tensors (single process, DDP): ``local`` itself, moved to the CPU;
+    * FSDP2 ``DTensor``: the shards of all ranks are gathered (``DTensor.full_tensor``), on the parameter's device,
+      then offloaded to the CPU, one tensor at a time;
+    * ZeRO-3: the flat partitions of all ranks of the parameter's process group are gathered, the padding
+      dropped, and the result reshaped to ``ds_shape``.
+
+    The sharded cases are collectives: every rank of the group must call this, in the same order.
 
     Args:
         source: The parameter or buffer as the model holds it (gives the sharding layout).
-        local: A tensor shaped like ``local_tensor(source)`` (e.g. the EMA of that shard).
+        local: A tensor shaped like ``local_tensor(source)`` (e.g. the EMA of that shard); its dtype is kept.
+
+    Returns:
+        The full tensor (shape ``full_shape(source)``, dtype of ``local``) on the CPU.
+
+    Example:
+        >>> full_tensor(torch.zeros(2), torch.ones(2)).tolist()
+        [1.0, 1.0]
     """
     if is_dtensor(source):
         from torch.distributed.tensor import DTensor
@@ -128,17 +187,42 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         )
         return dt.full_tensor().cpu()
     if is_zero3_param(source):
-        raise NotImplementedError("Gathering a DeepSpeed ZeRO-3 partition is not supported yet")
+        group, world, _, n = _zero3_layout(source)
+        if local.numel() != n:
+            raise ValueError(
+                f"full_tensor: `local` has {local.numel()} elements, but this rank's ZeRO-3 partition has {n}"
+            )
+        # gather on the device the partitions live on (the process group's backend may need it there)
+        device = source.ds_tensor.device
+        part = local.detach().reshape(-1).to(device)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        torch.distributed.all_gather(parts, part, group=group)
+        flat = torch.cat([p.cpu() for p in parts])
+        return flat[: source.ds_numel].reshape(source.ds_shape).clone()
     return local.detach().cpu()
 
 
 def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Cut this process's part out of ``full``, laid out like ``local_tensor(source)`` (no communication).
 
+    Every rank holds (or reads) the full tensor and keeps its own piece, so a full ``ema_net`` written with any
+    number of processes loads into any other number.
+
     Args:
         source: The parameter or buffer as the model holds it (gives the sharding layout).
-        full: The full tensor (same shape as ``source``).
+        full: The full tensor (shape ``full_shape(source)``).
+
+    Returns:
+        A tensor shaped like ``local_tensor(source)`` (a view of ``full`` where possible).
+
+    Example:
+        >>> shard_like(torch.zeros(2), torch.ones(2)).tolist()
+        [1.0, 1.0]
     """
+    if tuple(full.shape) != tuple(full_shape(source)):
+        raise ValueError(
+            f"shard_like: `full` has shape {tuple(full.shape)}, expected {tuple(full_shape(source))}"
+        )
     if is_dtensor(source):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -148,5 +232,17 @@ def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
         return full[index]
     if is_zero3_param(source):
-        raise NotImplementedError("Scattering into a DeepSpeed ZeRO-3 partition is not supported yet")
+        _, _, rank, n = _zero3_layout(source)
+        flat = full.reshape(-1)
+        start = min(rank * n, flat.numel())
+        piece = flat[start : start + n]
+        if piece.numel() < n:  # the last partition is zero-padded
+            piece = torch.cat([piece, piece.new_zeros(n - piece.numel())])
+        return piece
     return full
+
+
+def barrier() -> None:
+    """Wait for all processes of the default group (no-op on a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

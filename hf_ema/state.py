@@ -530,7 +530,7 @@ class EMAState:
         wrong = []
         for e in self._entries:
             if e.name in tensors:
-                want = tuple(e.source.shape) if full else tuple(e.ema.shape)
+                want = tuple(dist_utils.full_shape(e.source)) if full else tuple(e.ema.shape)
                 got = tuple(tensors[e.name].shape)
                 if want != got:
                     wrong.append(f"{e.name}: saved {got} vs model {want}")
@@ -595,15 +595,24 @@ class EMAState:
 
         Untracked persistent buffers (``buffers="ignore"``) are taken from the model so that the result loads as
         a complete model; with ``trainable_only=True`` only the tracked tensors are returned. On sharded models
-        the shards are gathered (a collective: call it on every rank); tensors are on the CPU.
+        the shards are gathered (a collective: call it on every rank); tensors are on the CPU. With several
+        processes only the main process keeps them (the others get ``{}``), so no rank but the main one ever
+        holds a full copy of a sharded EMA, and that one tensor by tensor as they arrive.
         """
         self.wait()
+        keep = dist_utils.is_main_process()
         out: dict[str, torch.Tensor] = {}
         for e in self._entries:
-            out[e.name] = dist_utils.full_tensor(e.source, self._current_ema(e))
+            t = dist_utils.full_tensor(e.source, self._current_ema(e))
+            if keep:
+                out[e.name] = t
         if not self.trainable_only and self.buffers == "ignore":
             for name, b in _persistent_buffers(self.model):
-                out.setdefault(name, dist_utils.full_tensor(b, dist_utils.local_tensor(b)))
+                if name in self._by_name:
+                    continue
+                t = dist_utils.full_tensor(b, dist_utils.local_tensor(b))
+                if keep:
+                    out[name] = t
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
