@@ -45,7 +45,11 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         obj = ref()
         if obj is not None:
+            # Accelerate runs this hook on every process: the sharded gather inside save() needs them all, and
+            # only the main process writes. Wait for that write so that no rank reads a half-made checkpoint.
             obj.save(output_dir)
+            if hasattr(accelerator, "wait_for_everyone"):
+                accelerator.wait_for_everyone()
 
     def load_hook(models: list, input_dir: str) -> None:
         obj = ref()
