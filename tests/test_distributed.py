@@ -1,0 +1,193 @@
+"""Two-process tests (gloo, CPU): DDP, FSDP2 (``fully_shard``, DTensor parameters) and DeepSpeed ZeRO-3.
+
+The worker (tests/dist_worker.py) is launched once per mode with ``torchrun --standalone`` (a free port is chosen
+by the rendezvous) under a bounded timeout; it records parameter histories and EMA tensors to files, and the
+expected EMA is computed here with the independent NumPy reference (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_ema import EMAState
+from tests.dist_worker import DECAY, DECAY_TYPE, K, make_model
+from tests.reference import decays_for, record, reference_ema, to_numpy
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = WORKER.parents[1]
+TIMEOUT_S = 240
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+
+def _launch(mode: str, out: Path, *extra: str) -> dict[int, dict]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(WORKER), mode, str(out), *extra]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if proc.returncode != 0:
+        raise AssertionError(f"{mode} worker failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return {r: json.loads((out / f"{mode}_info_rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def _history(path: Path) -> list[dict[str, np.ndarray]]:
+    flat = load_file(str(path))
+    steps = sorted({int(k.split("/", 1)[0]) for k in flat})
+    return [record((k.split("/", 1)[1], v) for k, v in flat.items() if k.startswith(f"{i}/")) for i in steps]
+
+
+def _expected(history: list[dict[str, np.ndarray]], steps: int) -> dict[str, np.ndarray]:
+    return reference_ema(history[: steps + 1], decays_for(DECAY_TYPE, DECAY, steps))
+
+
+def _assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_process_ckpt(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """An ``ema_net`` written by ONE process (for the 1 -> 2 ranks load) and its reference EMA."""
+    d = tmp_path_factory.mktemp("one_rank")
+    model = make_model(seed=5)
+    ema = EMAState(model, decay=DECAY, decay_type=DECAY_TYPE)
+    history = [record(model.state_dict().items())]
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) * 0.1)
+        ema.update()
+        history.append(record(model.state_dict().items()))
+    ema.save(d)
+    return d, reference_ema(history, decays_for(DECAY_TYPE, DECAY, 3))
+
+
+@pytest.fixture(scope="module")
+def ddp_fsdp(tmp_path_factory, single_process_ckpt) -> tuple[Path, dict[int, dict]]:
+    out = tmp_path_factory.mktemp("ddp_fsdp")
+    info = _launch("ddp_fsdp", out, str(single_process_ckpt[0]))
+    return out, info
+
+
+# --------------------------------------------------------------------------------------------------- DDP
+def test_ddp_ema_identical_on_ranks_and_equal_to_reference(ddp_fsdp):
+    out, _ = ddp_fsdp
+    r0 = load_file(str(out / "ddp_ema_rank0.safetensors"))
+    r1 = load_file(str(out / "ddp_ema_rank1.safetensors"))
+    assert sorted(r0) == sorted(r1)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    _assert_close(r0, _expected(_history(out / "ddp_history.safetensors"), 2 * K))
+
+
+def test_ddp_save_state_load_state_resume_equals_uninterrupted(ddp_fsdp):
+    out, info = ddp_fsdp
+    assert (out / "ddp_ckpt" / "ema_net" / "model.safetensors").is_file()
+    assert info[0]["ddp_resumed_step"] == info[1]["ddp_resumed_step"] == 2 * K
+    for rank in (0, 1):
+        full = load_file(str(out / f"ddp_ema_rank{rank}.safetensors"))
+        resumed = load_file(str(out / f"ddp_resumed_rank{rank}.safetensors"))
+        for name in full:
+            torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-7, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------- FSDP2
+def test_fsdp2_gathered_ema_equals_ema_of_gathered_params(ddp_fsdp):
+    out, info = ddp_fsdp
+    assert info[0]["param_types"] == ["DTensor"]  # really sharded
+    assert info[0]["ema_state_dict_len"] == 4 and info[1]["ema_state_dict_len"] == 0  # main process only
+    gathered = load_file(str(out / "fsdp_gathered_ema.safetensors"))
+    _assert_close(gathered, _expected(_history(out / "fsdp_history.safetensors"), 2 * K))
+
+
+def test_fsdp2_ema_is_per_shard_about_half_the_bytes(ddp_fsdp):
+    out, info = ddp_fsdp
+    full = info[0]["full_bytes"]
+    for rank in (0, 1):
+        assert info[rank]["ema_bytes"] == 4 * info[rank]["local_numel"]
+        assert info[rank]["ema_bytes"] <= 0.55 * full, (rank, info[rank]["ema_bytes"], full)
+    assert info[0]["ema_bytes"] + info[1]["ema_bytes"] == full
+    # the local EMA of each rank is its own rows of the gathered EMA (Shard(0): rank 0 first)
+    gathered = load_file(str(out / "fsdp_gathered_ema.safetensors"))
+    l0 = load_file(str(out / "fsdp_local_ema_rank0.safetensors"))
+    l1 = load_file(str(out / "fsdp_local_ema_rank1.safetensors"))
+    for name, g in gathered.items():
+        assert torch.equal(torch.cat([l0[name], l1[name]]), g), name
+
+
+def test_fsdp2_update_issues_no_collective(ddp_fsdp):
+    _, info = ddp_fsdp
+    for rank in (0, 1):
+        assert info[rank]["update_collective_calls"] == 0
+        assert info[rank]["update_seq_delta"] == 0
+
+
+def test_fsdp2_average_parameters_evaluates_on_shards(ddp_fsdp):
+    out, info = ddp_fsdp
+    assert info[0]["weights_restored_after_eval"] is True
+    ev = load_file(str(out / "fsdp_eval.safetensors"))
+    plain = make_model(seed=0)
+    plain.load_state_dict(load_file(str(out / "fsdp_gathered_ema.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(ev["y"], plain(ev["x"]), rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_save_state_load_state_resume_equals_uninterrupted(ddp_fsdp):
+    out, info = ddp_fsdp
+    assert info[0]["fsdp_resumed_loaded_step"] == info[1]["fsdp_resumed_loaded_step"] == K
+    full = load_file(str(out / "fsdp_gathered_ema.safetensors"))
+    resumed = load_file(str(out / "fsdp_resumed_gathered_ema.safetensors"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_cross_world_size_two_ranks_save_one_rank_loads(ddp_fsdp):
+    out, _ = ddp_fsdp
+    ckpt = out / "fsdp_ckpt"
+    assert sorted(p.name for p in (ckpt / "ema_net").iterdir()) == ["ema_state.json", "model.safetensors"]
+    ema = EMAState.load(ckpt, make_model(seed=99))
+    assert ema.step == K
+    _assert_close(ema.state_dict()["ema"], _expected(_history(out / "fsdp_history.safetensors"), K))
+
+
+def test_cross_world_size_one_rank_saves_two_ranks_load(ddp_fsdp, single_process_ckpt):
+    out, info = ddp_fsdp
+    _, expected = single_process_ckpt
+    assert info[0]["cross_loaded_step"] == info[1]["cross_loaded_step"] == 3
+    _assert_close(load_file(str(out / "cross_gathered.safetensors")), expected)
+    l0 = load_file(str(out / "cross_local_rank0.safetensors"))
+    l1 = load_file(str(out / "cross_local_rank1.safetensors"))
+    assert l0["2.weight"].shape == (4, 32) and l1["2.weight"].shape == (3, 32)  # uneven shards
+    _assert_close({n: torch.cat([l0[n], l1[n]]) for n in l0}, expected)
+
+
+# --------------------------------------------------------------------------------------------------- ZeRO-3
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_zero3_partition_ema_gather_and_scatter(tmp_path):
+    info = _launch("zero3", tmp_path)
+    assert info[0]["is_zero3"] is True
+    full = info[0]["full_bytes"]
+    for rank in (0, 1):
+        assert info[rank]["update_collective_calls"] == 0 and info[rank]["update_seq_delta"] == 0
+        assert info[rank]["ema_bytes"] <= 0.55 * full, (rank, info[rank]["ema_bytes"], full)
+        assert info[rank]["reload_equal"] is True and info[rank]["reload_step"] == 2 * K
+    gathered = load_file(str(tmp_path / "zero3_gathered_ema.safetensors"))
+    _assert_close(gathered, _expected(_history(tmp_path / "zero3_history.safetensors"), 2 * K))
+    # the folder written under ZeRO-3 is the plain model's: it loads into an unsharded model
+    ema = EMAState.load(tmp_path / "zero3_ckpt", make_model(seed=3))
+    _assert_close(ema.state_dict()["ema"], _expected(_history(tmp_path / "zero3_history.safetensors"), 2 * K))
