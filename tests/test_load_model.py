@@ -1,0 +1,115 @@
+"""hf_ema.load_model: EMA weights when ``path/ema_net`` exists (and says so), regular weights otherwise."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from reference import decays_for, drive, reference_ema, tiny_bert
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+import hf_ema
+from hf_ema import EMAState
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint folder with the training weights (save_pretrained) and the EMA (ema_net/)."""
+    model = tiny_bert(seed=0)
+    ema = EMAState(model, decay=0.6)
+    history, _ = drive(ema, model, 5, seed=1, scale=0.05)
+    path = tmp_path / "checkpoint-5"
+    model.save_pretrained(path)
+    ema.save(path)
+    expected_ema = reference_ema(history, decays_for("constant", 0.6, 5))
+    training = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return path, expected_ema, training
+
+
+def _hf_ema_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("hf_ema")]
+
+
+def _assert_is_ema(model, expected_ema):
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().double().numpy(), expected_ema[name], rtol=1e-5, atol=1e-5)
+
+
+def _assert_is_training(model, training):
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), training[name]), name
+
+
+@pytest.mark.parametrize("model_class", [BertForSequenceClassification, AutoModelForSequenceClassification])
+def test_prefers_ema_net_and_logs_it(checkpoint, caplog, model_class):
+    path, expected_ema, training = checkpoint
+    caplog.set_level(logging.INFO)
+    model = hf_ema.load_model(model_class, path)
+    assert isinstance(model, BertForSequenceClassification)
+    _assert_is_ema(model, expected_ema)
+    # Sanity: EMA and training weights really differ, so the check above tells them apart.
+    assert any(not np.allclose(training[n].double().numpy(), expected_ema[n], atol=1e-3) for n in training)
+    msgs = _hf_ema_messages(caplog)
+    assert any("ema_net" in m and str(path) in m for m in msgs), msgs
+
+
+def test_prefer_ema_false_loads_regular_weights(checkpoint, caplog):
+    path, _, training = checkpoint
+    caplog.set_level(logging.INFO)
+    model = hf_ema.load_model(BertForSequenceClassification, path, prefer_ema=False)
+    _assert_is_training(model, training)
+    msgs = _hf_ema_messages(caplog)
+    assert any(str(path) in m for m in msgs), msgs
+
+
+def test_without_ema_net_loads_regular_weights_and_logs_it(tmp_path, caplog):
+    model = tiny_bert(seed=3)
+    path = tmp_path / "plain"
+    model.save_pretrained(path)
+    caplog.set_level(logging.INFO)
+    loaded = hf_ema.load_model(AutoModelForSequenceClassification, path)
+    _assert_is_training(loaded, {k: v.detach() for k, v in model.named_parameters()})
+    msgs = _hf_ema_messages(caplog)
+    assert msgs and any(str(path) in m for m in msgs), msgs
+
+
+def test_from_pretrained_kwargs_pass_through(checkpoint):
+    path, expected_ema, _ = checkpoint
+    model = hf_ema.load_model(BertForSequenceClassification, path, output_hidden_states=True)
+    assert model.config.output_hidden_states is True
+    _assert_is_ema(model, expected_ema)
+
+
+def test_dtype_pass_through(checkpoint):
+    path, expected_ema, _ = checkpoint
+    model = hf_ema.load_model(BertForSequenceClassification, path, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16, name
+        want = torch.from_numpy(expected_ema[name]).to(torch.bfloat16)
+        # fp32 -> bf16 rounding of the (fp32) EMA: at most one bf16 ulp away from the rounded reference.
+        torch.testing.assert_close(p.detach().float(), want.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_checkpoint_holding_only_ema_net(tmp_path):
+    model = tiny_bert(seed=4)
+    ema = EMAState(model, decay=0.5)
+    history, _ = drive(ema, model, 3, seed=5, scale=0.05)
+    ema.save(tmp_path / "only_ema")
+    loaded = hf_ema.load_model(AutoModelForSequenceClassification, tmp_path / "only_ema")
+    _assert_is_ema(loaded, reference_ema(history, decays_for("constant", 0.5, 3)))
+
+
+def test_missing_path_is_an_error(tmp_path):
+    with pytest.raises((OSError, ValueError)) as info:
+        hf_ema.load_model(AutoModelForSequenceClassification, tmp_path / "does_not_exist")
+    assert "does_not_exist" in str(info.value)
+
+
+def test_corrupt_ema_net_is_not_silently_replaced_by_regular_weights(checkpoint):
+    path, _, _ = checkpoint
+    (path / "ema_net" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(Exception) as info:  # any error will do, as long as it does not load
+        hf_ema.load_model(BertForSequenceClassification, path)
+    assert "ema_net" in str(info.value) or "safetensors" in str(info.value).lower(), str(info.value)
