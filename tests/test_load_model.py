@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from reference import decays_for, drive, reference_ema, tiny_bert
+from reference import decays_for, drive, reference_ema, tiny_bert, tiny_mlp
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 import hf_ema
@@ -113,3 +113,37 @@ def test_corrupt_ema_net_is_not_silently_replaced_by_regular_weights(checkpoint)
     with pytest.raises(Exception) as info:  # any error will do, as long as it does not load
         hf_ema.load_model(BertForSequenceClassification, path)
     assert "ema_net" in str(info.value) or "safetensors" in str(info.value).lower(), str(info.value)
+
+
+def test_trainable_only_ema_is_put_on_top_of_regular_weights(tmp_path, caplog):
+    """LoRA-style: the EMA covers only the trainable tensors; the rest comes from the regular weights."""
+    model = tiny_bert(seed=6)
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    ema = EMAState(model, decay=0.6, trainable_only=True)
+    assert set(ema.names) == {"classifier.weight", "classifier.bias"}
+    history, _ = drive(ema, model, 4, seed=7, scale=0.1)
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    ema.save(path)
+    caplog.set_level(logging.INFO)
+    loaded = hf_ema.load_model(AutoModelForSequenceClassification, path)
+    expected = reference_ema(history, decays_for("constant", 0.6, 4), names=ema.names)
+    for name, p in loaded.named_parameters():
+        if name in expected:
+            np.testing.assert_allclose(p.detach().double().numpy(), expected[name], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(p.detach(), getattr(model.classifier, name.split(".")[1]).detach())
+        else:
+            assert torch.equal(p.detach(), model.get_parameter(name).detach()), name
+    assert any("ema_net" in m for m in _hf_ema_messages(caplog))
+
+
+def test_plain_module_instance_loaded_in_place(tmp_path):
+    model = tiny_mlp(seed=8)
+    ema = EMAState(model, decay=0.7)
+    history, _ = drive(ema, model, 6, seed=9)
+    ema.save(tmp_path)
+    target = tiny_mlp(seed=10)
+    out = hf_ema.load_model(target, tmp_path)
+    assert out is target
+    _assert_is_ema(target, reference_ema(history, decays_for("constant", 0.7, 6)))
