@@ -270,7 +270,14 @@ class EMAState:
             lists[0].append(e.ema)
             lists[1].append(e.live)
         self._avg_same = [v for k, v in avg.items() if k[0] == k[2] and k[1] == k[3]]
-        self._avg_mixed = [v for k, v in avg.items() if not (k[0] == k[2] and k[1] == k[3])]
+        self._avg_mixed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self._avg_batched: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+        for (ema_dev, _, live_dev, _), (emas, lives) in avg.items():
+            if emas[0].dtype != lives[0].dtype or ema_dev != live_dev:
+                if ema_dev.type == "cpu" and all(t.is_contiguous() for t in lives):
+                    self._avg_batched.extend(_plan_batches(emas, lives, _SCRATCH_ELEMS))
+                else:
+                    self._avg_mixed.append((emas, lives))
         self._copy_groups = list(copy.values())
         self._names = [e.name for e in self._entries]
         self._by_name = {e.name: e for e in self._entries}
@@ -364,8 +371,13 @@ class EMAState:
         self._flush_offload()
         for ema, live in self._avg_same:
             torch._foreach_lerp_(ema, live, weight)
+        for ema, live, scratch in self._avg_batched:
+            # fp32 EMA of bf16/fp16 parameters on the CPU: widen a batch of parameter slices into a small reusable
+            # scratch buffer, then one exact lerp over the EMA (a single pass over it; no per-step allocation).
+            torch._foreach_copy_(scratch, live)
+            torch._foreach_lerp_(ema, scratch, weight)
         for ema, live in self._avg_mixed:
-            # fp32 EMA of bf16/fp16 parameters: the scaled add promotes in place, no full-size temporaries.
+            # Mixed dtypes elsewhere (e.g. CUDA, where the promoting add casts inside the kernel).
             torch._foreach_mul_(ema, 1.0 - weight)
             torch._foreach_add_(ema, live, alpha=weight)
         for ema, live in self._copy_groups:
@@ -685,6 +697,42 @@ class _InstanceOrClassLoad:
 
 
 EMAState.load = _InstanceOrClassLoad()  # type: ignore[assignment]
+
+
+#: Elements of the fp32 scratch buffer used to widen bf16/fp16 parameters on the CPU (4 MiB; 2**18..2**22 measured,
+#: see benchmarks/). Big enough to amortise the per-call overhead, small enough to stay in cache.
+_SCRATCH_ELEMS = 1 << 20
+
+
+def _plan_batches(
+    emas: list[torch.Tensor], lives: list[torch.Tensor], elems: int
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
+    """Cut EMA/parameter pairs into flat slices packed in batches of at most ``elems`` elements.
+
+    Each batch is ``(ema_slices, live_slices, scratch_slices)``; all scratch slices are views into one buffer of
+    ``min(elems, total)`` elements of the EMA's dtype, shared by all batches (batches run one after the other).
+    """
+    total = sum(t.numel() for t in emas)
+    scratch = torch.empty(min(elems, max(total, 1)), dtype=emas[0].dtype, device=emas[0].device)
+    batches: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+    cur: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+    used = 0
+    for ema, live in zip(emas, lives, strict=True):
+        ef, lf = ema.view(-1), live.view(-1)
+        start, n = 0, ef.numel()
+        while start < n:
+            if used == scratch.numel():
+                batches.append(cur)
+                cur, used = ([], [], []), 0
+            m = min(scratch.numel() - used, n - start)
+            cur[0].append(ef[start : start + m])
+            cur[1].append(lf[start : start + m])
+            cur[2].append(scratch[used : used + m])
+            used += m
+            start += m
+    if cur[0]:
+        batches.append(cur)
+    return batches
 
 
 def _xor_swap(a: torch.Tensor, b: torch.Tensor) -> None:
