@@ -562,3 +562,32 @@ def test_bad_dtype(bad):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         EMAState({"weight": torch.zeros(3)})
+
+
+def test_average_parameters_with_tied_weights_restores_bitwise():
+    """Tied embeddings / LM head share one tensor: swapping must not swap it twice."""
+    from reference import tiny_bert_config
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config(tie_word_embeddings=True)).eval()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    ema = EMAState(model, decay=0.5)
+    history, _ = drive(ema, model, 4, seed=1, scale=0.05)
+    expected = reference_ema(history, decays_for("constant", 0.5, 4))
+    before = snapshot_bits(model)
+    with ema.average_parameters():
+        for name, p in model.named_parameters():
+            np.testing.assert_allclose(p.detach().double().numpy(), expected[name], atol=ATOL, err_msg=name)
+        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert_bitwise_equal(snapshot_bits(model), before)
+
+
+def test_update_inside_average_parameters_is_refused():
+    model = tiny_mlp()
+    ema = EMAState(model, decay=0.9)
+    before = snapshot_bits(model)
+    with ema.average_parameters(), pytest.raises(RuntimeError):
+        ema.update()
+    assert_bitwise_equal(snapshot_bits(model), before)
+    assert ema.step == 0
