@@ -1,0 +1,179 @@
+"""Shared helpers for the benchmark scripts: timing, workloads, machine info, tables, JSON output.
+
+Timing rule used everywhere: all candidates of one table run in ONE process, in interleaved rounds
+(round r runs every candidate once, in a rotating order), and the table reports the median over rounds.
+On a shared, noisy machine the ratios between candidates are what stay comparable, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: str | torch.device) -> None:
+    """Wait for queued work on ``device`` (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_median(
+    candidates: dict[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    warmup: int = 2,
+    inner: int = 1,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float]]:
+    """Time every candidate in interleaved rounds; return ``{name: {"median": s, "min": s, "max": s}}``.
+
+    Each sample is the wall time of ``inner`` back-to-back calls divided by ``inner`` (seconds per call).
+    The candidate order rotates every round so none always runs right after the same neighbour.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for n in names:
+            candidates[n]()
+    sync(device)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            f = candidates[n]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            sync(device)
+            samples[n].append((time.perf_counter() - t0) / inner)
+    return {
+        n: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+        for n, v in samples.items()
+    }
+
+
+# ----------------------------------------------------------------------------- workloads
+class ManyTensors(nn.Module):
+    """A module holding ``n_tensors`` parameters that together have about ``total`` elements.
+
+    Sizes are drawn once from a seeded generator (between 0.2x and 1.2x of the mean), so the
+    workload is the same in every run; shapes are 2-D like linear weights where the size allows.
+    """
+
+    def __init__(self, total: int, n_tensors: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        raw = torch.rand(n_tensors, generator=g) + 0.2
+        sizes = [max(1, int(s)) for s in (raw / raw.sum() * total).tolist()]
+        sizes[-1] = max(1, sizes[-1] + total - sum(sizes))
+        self.params = nn.ParameterList()
+        for s in sizes:
+            cols = 64 if s % 64 == 0 and s >= 64 else 1
+            t = (
+                torch.randn(s // cols, cols, generator=g).to(dtype)
+                if cols > 1
+                else torch.randn(s, generator=g)
+            )
+            self.params.append(nn.Parameter(t.to(dtype)))
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def perturb_(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
+    """Move every parameter by seeded noise (the model "trains"; the EMA lags behind)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.device)
+        p.add_((noise * scale).to(p.dtype))
+
+
+@torch.no_grad()
+def distance(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> float:
+    """Euclidean distance between the EMA tensors and the parameters, accumulated in float64."""
+    total = 0.0
+    for e, p in zip(emas, params, strict=True):
+        total += float((e.double() - p.to(e.device).double()).pow(2).sum())
+    return total**0.5
+
+
+# ----------------------------------------------------------------------------- reporting
+def machine_info() -> dict[str, Any]:
+    """CPU/GPU model, core count, load, and library versions for the results file."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "accelerate", "timm", "diffusers", "ema_pytorch", "torch_ema", "peft"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception:
+            versions[mod] = "not installed"
+    try:
+        from importlib.metadata import version
+
+        versions["ema_pytorch"] = version("ema-pytorch")
+        versions["torch_ema"] = version("torch-ema")
+    except Exception:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": versions,
+    }
+    return info
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """Common flags: ``--json PATH`` to store the results, ``--quick`` for a smoke run."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test only)")
+    return p
+
+
+def emit(result: dict[str, Any], json_path: Path | None) -> None:
+    """Print the result's markdown and optionally save the whole result as JSON."""
+    print(result["markdown"])
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, json_path)

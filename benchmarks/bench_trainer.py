@@ -1,0 +1,153 @@
+"""Trainer overhead of ``hf_ema.EMATrainerCallback``: wall time of a short ``Trainer.train()`` with and without it.
+
+A tiny config-built BERT (nothing downloaded) on generated token data; the same seed, data and arguments for
+every run. Configurations: no callback, EMA updated every step, EMA with ``update_every=10``. The runs are
+interleaved (round r trains every configuration once, rotating the order) and the table shows medians.
+Only ``trainer.train()`` is timed (it includes the callback's set-up at train begin and the EMA copy at the end).
+
+Run: ``python benchmarks/bench_trainer.py`` (``--quick`` for a smoke run, ``--json out.json`` to keep results).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+from _common import arg_parser, emit, machine_info, md_table
+
+TARGET_PCT = 3.0
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Random token sequences with a label that depends on the first token (learnable, fixed by the seed)."""
+
+    def __init__(self, n: int, seq: int, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(1, vocab, (n, seq), generator=g)
+        self.labels = (self.ids[:, 0] % 2).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
+
+
+def make_model(hidden: int, layers: int, vocab: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def train_once(config: str, steps: int, data, hidden: int, layers: int, vocab: int) -> tuple[float, int]:
+    """Train a fresh model for ``steps`` optimizer steps; return (seconds in train(), EMA updates done)."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ema import EMATrainerCallback
+
+    model = make_model(hidden, layers, vocab)
+    callbacks = []
+    if config == "ema every step":
+        callbacks.append(EMATrainerCallback(decay=0.999))
+    elif config == "ema update_every=10":
+        callbacks.append(EMATrainerCallback(decay=0.999, update_every=10))
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            seed=0,
+            logging_strategy="no",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        t0 = time.perf_counter()
+        trainer.train()
+        dt = time.perf_counter() - t0
+    updates = callbacks[0].ema.num_updates if callbacks and callbacks[0].ema is not None else 0
+    return dt, updates
+
+
+def run(steps: int, rounds: int, hidden: int, layers: int, vocab: int, seq: int) -> dict:
+    data = TokenData(16 * steps, seq, vocab)
+    configs = ["no EMA", "ema every step", "ema update_every=10"]
+    train_once("ema every step", 2, data, hidden, layers, vocab)  # warm-up: imports, allocator, kernels
+    samples: dict[str, list[float]] = {c: [] for c in configs}
+    updates: dict[str, int] = {}
+    for r in range(rounds):
+        k = r % len(configs)
+        for c in configs[k:] + configs[:k]:
+            dt, n = train_once(c, steps, data, hidden, layers, vocab)
+            samples[c].append(dt)
+            updates[c] = n
+    base = statistics.median(samples["no EMA"])
+    rows = []
+    for c in configs:
+        m = statistics.median(samples[c])
+        rows.append([c, f"{m:.3f}", f"{m / steps * 1e3:.2f}", f"{(m / base - 1) * 100:+.1f}%", updates[c]])
+    every = statistics.median(samples["ema every step"])
+    pct = (every / base - 1) * 100
+    targets = [
+        [
+            f"Trainer overhead <= {TARGET_PCT}% (update every step)",
+            f"{pct:+.1f}%",
+            "met" if pct <= TARGET_PCT else "MISSED",
+        ]
+    ]
+    n_params = sum(p.numel() for p in make_model(hidden, layers, vocab).parameters())
+    md = (
+        f"**Trainer overhead**: BERT {layers} layers, hidden {hidden}, {n_params / 1e6:.2f}M params, batch 16 x "
+        f"seq {seq}, {steps} steps per run, median of {rounds} interleaved runs\n\n"
+        + md_table(["configuration", "train() s", "ms / step", "overhead", "EMA updates"], rows)
+        + "\n\n"
+        + md_table(["target", "measured", "status"], targets)
+    )
+    return {
+        "name": "trainer",
+        "machine": machine_info(),
+        "samples": samples,
+        "rows": rows,
+        "targets": targets,
+        "markdown": md,
+    }
+
+
+def main() -> None:
+    p = arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    args = p.parse_args()
+    steps, rounds = (10, 1) if args.quick else (args.steps, args.rounds)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    emit(run(steps, rounds, args.hidden, args.layers, vocab=1000, seq=32), args.json)
+
+
+if __name__ == "__main__":
+    main()
