@@ -591,3 +591,30 @@ def test_update_inside_average_parameters_is_refused():
         ema.update()
     assert_bitwise_equal(snapshot_bits(model), before)
     assert ema.step == 0
+
+
+class _BigLowPrecision(torch.nn.Module):
+    """More than 2**20 low-precision elements in several tensors (work is cut into chunks across tensors)."""
+
+    def __init__(self, dtype, non_contiguous=False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.big = torch.nn.Parameter(torch.randn(1031, 1024, generator=gen).to(dtype))
+        self.small = torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))
+        self.mid = torch.nn.Parameter(torch.randn(300, 301, generator=gen).to(dtype))
+        if non_contiguous:
+            self.tr = torch.nn.Parameter(torch.randn(6, 9, generator=gen).to(dtype).t())
+            assert not self.tr.is_contiguous()
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True])
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_large_low_precision_params_fp32_ema_matches_reference(param_dtype, non_contiguous):
+    model = _BigLowPrecision(param_dtype, non_contiguous)
+    ema = EMAState(model, decay=0.7)
+    history, _ = drive(ema, model, 3, seed=1, scale=0.05)
+    expected = reference_ema(history, decays_for("constant", 0.7, 3))
+    sd = ema.ema_state_dict()
+    assert_matches_reference(sd, expected, atol=1e-5)
+    for name, p in model.named_parameters():  # the live weights are untouched by the update
+        np.testing.assert_array_equal(p.detach().double().numpy(), history[-1][name])
