@@ -176,6 +176,14 @@ def test_cross_world_size_one_rank_saves_two_ranks_load(ddp_fsdp, single_process
     _assert_close({n: torch.cat([l0[n], l1[n]]) for n in l0}, expected)
 
 
+def test_fsdp1_is_refused_with_a_clear_message(ddp_fsdp):
+    _, info = ddp_fsdp
+    msg = info[0]["fsdp1"]
+    if msg.startswith("not constructible"):
+        pytest.skip(reason=f"FSDP1 cannot be built on this CPU torch: {msg}")
+    assert "FSDP1" in msg and "fully_shard" in msg, msg
+
+
 # --------------------------------------------------------------------------------------------------- ZeRO-3
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_zero3_partition_ema_gather_and_scatter(tmp_path):
@@ -186,6 +194,7 @@ def test_zero3_partition_ema_gather_and_scatter(tmp_path):
         assert info[rank]["update_collective_calls"] == 0 and info[rank]["update_seq_delta"] == 0
         assert info[rank]["ema_bytes"] <= 0.55 * full, (rank, info[rank]["ema_bytes"], full)
         assert info[rank]["reload_equal"] is True and info[rank]["reload_step"] == 2 * K
+        assert info[rank]["reload_gathered_equal"] is True
     gathered = load_file(str(tmp_path / "zero3_gathered_ema.safetensors"))
     _assert_close(gathered, _expected(_history(tmp_path / "zero3_history.safetensors"), 2 * K))
     # the folder written under ZeRO-3 is the plain model's: it loads into an unsharded model
