@@ -125,8 +125,6 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-
-
 def _zero3_layout(source: torch.Tensor) -> tuple[Any, int, int, int]:
     """``(group, world size, rank, partition numel)`` of a ZeRO-3 parameter.
 
