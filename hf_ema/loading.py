@@ -53,7 +53,9 @@ def load_model(
         >>> model = load_model(AutoModelForSequenceClassification, "out/checkpoint-500")  # doctest: +SKIP
     """
     path = Path(path)
-    use_ema = prefer_ema and has_ema(path)
+    # An ema_net folder that exists but is incomplete is an error (raised by load_ema_net, naming the path),
+    # never a quiet fallback to the training weights.
+    use_ema = prefer_ema and (has_ema(path) or (path / EMA_DIRNAME).is_dir())
     ema_dir = path / EMA_DIRNAME
     if isinstance(model_class, nn.Module):
         return _load_into_module(model_class, path, use_ema)

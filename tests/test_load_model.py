@@ -147,3 +147,15 @@ def test_plain_module_instance_loaded_in_place(tmp_path):
     out = hf_ema.load_model(target, tmp_path)
     assert out is target
     _assert_is_ema(target, reference_ema(history, decays_for("constant", 0.7, 6)))
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "ema_state.json"])
+def test_incomplete_ema_net_is_an_error_not_a_silent_fallback(checkpoint, missing):
+    """An ``ema_net`` folder that lost a file must not quietly give the training weights instead of the EMA."""
+    path, _, _ = checkpoint
+    (path / "ema_net" / missing).unlink()
+    with pytest.raises((OSError, ValueError)) as info:
+        hf_ema.load_model(BertForSequenceClassification, path)
+    assert str(path / "ema_net") in str(info.value), str(info.value)
+    # Asking for the regular weights still works.
+    hf_ema.load_model(BertForSequenceClassification, path, prefer_ema=False)
