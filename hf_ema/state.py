@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
 import weakref
 from collections.abc import Iterator, Mapping
@@ -60,23 +61,23 @@ class _Entry:
 
 
 def _check_decay(decay: Any) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < float(decay) < 1.0):
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (0.0 < float(decay) < 1.0):
         raise ValueError(f"`decay` must be a number strictly between 0 and 1, got {decay!r}")
     return float(decay)
 
 
 def _check_update_every(update_every: Any) -> int:
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    if isinstance(update_every, bool) or not isinstance(update_every, numbers.Integral) or update_every < 1:
         raise ValueError(f"`update_every` must be an integer >= 1, got {update_every!r}")
-    return update_every
+    return int(update_every)
 
 
 def _check_total_steps(total_steps: Any) -> int | None:
     if total_steps is None:
         return None
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
         raise ValueError(f"`total_steps` must be a positive integer or None, got {total_steps!r}")
-    return total_steps
+    return int(total_steps)
 
 
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:

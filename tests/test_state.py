@@ -618,3 +618,18 @@ def test_large_low_precision_params_fp32_ema_matches_reference(param_dtype, non_
     assert_matches_reference(sd, expected, atol=1e-5)
     for name, p in model.named_parameters():  # the live weights are untouched by the update
         np.testing.assert_array_equal(p.detach().double().numpy(), history[-1][name])
+
+
+def test_numpy_scalars_are_accepted():
+    """Hyper-parameters often arrive as NumPy scalars (sweeps, configs): they are numbers like any other."""
+    ema = EMAState(
+        tiny_mlp(),
+        decay=np.float32(0.5),
+        decay_type="exp",
+        total_steps=np.int64(40),
+        update_every=np.int64(2),
+    )
+    assert ema.update_every == 2 and ema.total_steps == 40
+    ema.update()
+    got = ema.update()
+    assert math.isclose(got, float(np.float32(0.5)) * (1 - math.exp(-15.0 * 1 / 40)), rel_tol=1e-12)
