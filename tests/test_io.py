@@ -15,7 +15,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from reference import decays_for, drive, reference_ema, tiny_bert, tiny_mlp
+from reference import decays_for, drive, reference_ema, tiny_bert, tiny_bn_net, tiny_mlp
 
 import hf_ema
 import hf_ema.io
@@ -459,3 +459,35 @@ def test_saved_folder_can_be_moved(tmp_path):
     back = EMAState.load(tmp_path / "b", copy.deepcopy(model))
     for k, v in ema.ema_state_dict().items():
         assert torch.equal(back.ema_state_dict()[k], v)
+
+
+def test_classmethod_load_restores_options(tmp_path):
+    """``EMAState.load(dir, model)`` rebuilds the EMA with the saved options, not the defaults."""
+    model = tiny_bn_net()
+    model[0].requires_grad_(False)
+    ema = EMAState(
+        model, decay=0.9, decay_type="threshold", buffers="copy", dtype=torch.bfloat16, update_every=3
+    )
+    drive(ema, model, 4)
+    ema.save(tmp_path)
+    back = EMAState.load(tmp_path, copy.deepcopy(model))
+    for attr in (
+        "decay",
+        "decay_type",
+        "update_every",
+        "dtype",
+        "buffers",
+        "trainable_only",
+        "step",
+        "names",
+    ):
+        assert getattr(back, attr) == getattr(ema, attr), attr
+    assert back.num_updates == 1
+    sd, bsd = ema.ema_state_dict(), back.ema_state_dict()
+    for k in sd:
+        assert bsd[k].dtype == sd[k].dtype and torch.equal(bsd[k], sd[k]), k
+
+    only = EMAState(model, decay=0.9, trainable_only=True)
+    only.save(tmp_path / "lora")
+    back = EMAState.load(tmp_path / "lora", copy.deepcopy(model))
+    assert back.trainable_only and back.names == ["1.weight", "1.bias", "3.weight", "3.bias"]
