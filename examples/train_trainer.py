@@ -51,10 +51,11 @@ def digits_datasets(seed: int) -> tuple[Dataset, Dataset]:
     return train, test
 
 
-def tiny_vit() -> ViTForImageClassification:
+def tiny_vit(hidden_size: int = 32, num_layers: int = 2) -> ViTForImageClassification:
+    """A ViT for 8x8 one-channel images (16 patches of 2x2), built from a config: nothing is downloaded."""
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, num_labels=10,
+        image_size=8, patch_size=2, num_channels=1, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, num_labels=10,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2,
     )
     return ViTForImageClassification(config)
