@@ -148,15 +148,16 @@ def build_schedule(decay_type: str | IDecayFunction, **kwargs: Any) -> tuple[str
 
     Args:
         decay_type: A name registered in :data:`EMA_DECAY_FUNCTIONS` or an :class:`IDecayFunction` instance.
-        **kwargs: Passed to the schedule's constructor (e.g. ``beta`` for ``"exp"``). Arguments the constructor
-            does not take are dropped for the built-in schedules, so a SuperGradients ``ema_params`` dict can be
-            passed whole.
+        **kwargs: Passed to the schedule's constructor (e.g. ``beta`` for ``"exp"``). The built-in schedules take
+            ``beta`` only (``constant`` and ``threshold`` ignore it, so a SuperGradients ``ema_params`` dict can
+            be passed whole); any other name is refused as a likely typo.
 
     Returns:
         The registry name (for an instance, the name it is registered under or its class name) and the schedule.
 
     Raises:
-        ValueError: If the name is unknown (the message lists the known names).
+        ValueError: If the name is unknown (the message lists the known names), or a built-in schedule gets an
+            argument other than ``beta``.
         TypeError: If ``decay_type`` is neither a string nor an :class:`IDecayFunction`.
 
     Example:
@@ -178,8 +179,13 @@ def build_schedule(decay_type: str | IDecayFunction, **kwargs: Any) -> tuple[str
         known = ", ".join(sorted(EMA_DECAY_FUNCTIONS))
         raise ValueError(f"Unknown `decay_type` {decay_type!r}; known schedules: {known}")
     cls = EMA_DECAY_FUNCTIONS[decay_type]
-    if cls in (ConstantDecay, ThresholdDecay):
-        kwargs = {}
-    elif cls is ExpDecay:
-        kwargs = {k: v for k, v in kwargs.items() if k == "beta"}
+    if cls in (ConstantDecay, ThresholdDecay, ExpDecay):
+        # ``beta`` is always accepted (a SuperGradients dict may carry it for any schedule); anything else is a typo.
+        unknown = sorted(set(kwargs) - {"beta"})
+        if unknown:
+            raise ValueError(
+                f"Unknown argument(s) {unknown} for decay_type={decay_type!r}; the built-in schedules take only "
+                "`beta` (used by 'exp')"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if cls is ExpDecay}
     return decay_type, cls(**kwargs)

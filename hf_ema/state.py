@@ -174,7 +174,15 @@ class EMAState:
         if buffers not in _BUFFER_MODES:
             raise ValueError(f"`buffers` must be one of {_BUFFER_MODES}, got {buffers!r}")
         self.buffers = buffers
-        self.trainable_only = bool(trainable_only)
+        if not isinstance(trainable_only, bool):
+            raise TypeError(
+                f"`trainable_only` must be True or False, got {type(trainable_only).__name__}: {trainable_only!r}"
+            )
+        if not isinstance(side_stream, bool):
+            raise TypeError(
+                f"`side_stream` must be True or False, got {type(side_stream).__name__}: {side_stream!r}"
+            )
+        self.trainable_only = trainable_only
         try:
             self.device = torch.device(device) if device is not None else None
         except (RuntimeError, TypeError) as e:
@@ -574,33 +582,39 @@ class EMAState:
             e.ema.copy_(t)
 
     def _load_meta(self, meta: Mapping[str, Any]) -> None:
+        """Validate the saved settings completely, then apply them (a refused load changes nothing)."""
         try:
-            self.step = int(meta["step"])
-            self.num_updates = int(meta.get("num_updates", self.step // self.update_every))
+            step = int(meta["step"])
+            update_every = _check_update_every(int(meta.get("update_every") or self.update_every))
+            num_updates = int(meta.get("num_updates", step // update_every))
+            total_steps = _check_total_steps(meta.get("total_steps"))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"Malformed EMA meta (needs an integer 'step'): {e}") from e
-        self.last_decay = meta.get("last_decay")
+            raise ValueError(f"Malformed EMA meta (needs an integer 'step' and valid options): {e}") from e
         saved_kwargs = meta.get("schedule_kwargs") or {}
-        saved = (meta.get("decay"), meta.get("decay_type"), meta.get("update_every"), saved_kwargs)
+        decay = _check_decay(meta["decay"]) if meta.get("decay") is not None else self.decay
+        decay_type = meta.get("decay_type", self.decay_type)
         mine = (self.decay, self.decay_type, self.update_every, _jsonable(self.schedule.config()))
-        if saved[0] is not None and saved != mine:
+        saved = (decay, decay_type, update_every, saved_kwargs)
+        schedule = (self.decay_type, self.schedule)
+        if (saved[1], saved[3]) != (mine[1], mine[3]):
+            try:
+                schedule = build_schedule(decay_type, **saved_kwargs)
+            except ValueError:
+                logger.warning(
+                    "Saved decay_type %r is not registered; keeping %r.", decay_type, self.decay_type
+                )
+        if saved != mine:
             logger.warning(
                 "Loaded EMA state was saved with decay=%s, decay_type=%s, update_every=%s, schedule %s; continuing "
                 "with the saved settings instead of decay=%s, decay_type=%s, update_every=%s, schedule %s.",
                 *saved,
                 *mine,
             )
-            self.decay = _check_decay(saved[0])
-            self.update_every = _check_update_every(int(saved[2] or 1))
-            if (saved[1], saved[3]) != (mine[1], mine[3]):
-                try:
-                    self.decay_type, self.schedule = build_schedule(saved[1], **saved_kwargs)
-                except ValueError:
-                    logger.warning(
-                        "Saved decay_type %r is not registered; keeping %r.", saved[1], self.decay_type
-                    )
-        if self.total_steps is None and meta.get("total_steps") is not None:
-            self.total_steps = int(meta["total_steps"])
+        self.step, self.num_updates, self.last_decay = step, num_updates, meta.get("last_decay")
+        self.decay, self.update_every = decay, update_every
+        self.decay_type, self.schedule = schedule
+        if self.total_steps is None and total_steps is not None:
+            self.total_steps = total_steps
 
     # ------------------------------------------------------------------ full weights and files
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -610,7 +624,8 @@ class EMAState:
         a complete model; with ``trainable_only=True`` only the tracked tensors are returned. On sharded models
         the shards are gathered (a collective: call it on every rank); tensors are on the CPU. With several
         processes only the main process keeps them (the others get ``{}``), so no rank but the main one ever
-        holds a full copy of a sharded EMA, and that one tensor by tensor as they arrive.
+        holds a full copy of a sharded EMA, and that one tensor by tensor as they arrive. On an unsharded CPU
+        model the tensors share storage with the EMA (no copy): clone them to keep a snapshot.
         """
         self.wait()
         keep = dist_utils.is_main_process()

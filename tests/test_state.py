@@ -511,6 +511,32 @@ def test_load_state_dict_is_not_partially_applied_on_error():
     assert ema.step == 3
 
 
+def test_load_state_dict_with_invalid_meta_changes_nothing():
+    model = tiny_mlp()
+    ema = EMAState(model, decay=0.9)
+    drive(ema, model, 3)
+    before = {k: bits(v) for k, v in ema.ema_state_dict().items()}
+    sd = copy.deepcopy(ema.state_dict())
+    sd["meta"]["step"] = 50
+    sd["meta"]["decay"] = 1.5  # invalid: must be refused before anything is applied
+    with pytest.raises(ValueError, match="decay"):
+        ema.load_state_dict(sd)
+    assert ema.step == 3 and ema.decay == 0.9
+    assert_bitwise_equal({k: bits(v) for k, v in ema.ema_state_dict().items()}, before)
+
+
+@pytest.mark.parametrize("decay_type", ["constant", "threshold", "exp"])
+def test_misspelled_schedule_argument_is_refused(decay_type):
+    with pytest.raises(ValueError, match="betta"):
+        EMAState(tiny_mlp(), decay=0.9, decay_type=decay_type, total_steps=10, betta=3)
+
+
+@pytest.mark.parametrize("arg", ["trainable_only", "side_stream"])
+def test_boolean_options_must_be_bool(arg):
+    with pytest.raises(TypeError, match=arg):
+        EMAState(tiny_mlp(), decay=0.9, **{arg: "yes"})
+
+
 # --------------------------------------------------------------------------------------------------------
 # Bad arguments: the exception names the argument and the value
 # --------------------------------------------------------------------------------------------------------
