@@ -71,5 +71,5 @@ def test_invalid_values_fail_while_parsing(argv, match):
 
 
 def test_invalid_values_fail_when_built_directly():
-    with pytest.raises(ValueError, match="Invalid EMA arguments.*decay"):
+    with pytest.raises(ValueError, match=r"Invalid EMA arguments.*decay"):
         EMAArguments(ema=True, ema_decay=3.0)

@@ -349,3 +349,84 @@ def test_from_params_supergradients_dict():
         EMATrainerCallback.from_params({"decay": 2.0})
     with pytest.raises(TypeError, match="ema_params"):
         EMATrainerCallback.from_params([("decay", 0.9)])
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_wrapped_model(tmp_path):
+    """The Trainer wraps the model in DDP (2 CPU ranks, gloo): both ranks hold the same, correct EMA."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "_ddp_trainer_script.py")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), script, str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    tensors = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    for res in results:
+        assert res == {"leaks": [], "steps": 8, "wrapped": "DistributedDataParallel", "evals": [4, 8]}
+    names = [k[len("ema.") :] for k in tensors[0] if k.startswith("ema.")]
+    history = [{n: tensors[0][f"hist{i}.{n}"].double().numpy() for n in names} for i in range(9)]
+    ref = reference_ema(history, decays_for("threshold", 0.7, 8))
+    for r in (0, 1):
+        assert_close_to({n: tensors[r][f"ema.{n}"] for n in names}, ref)
+        assert all(torch.equal(tensors[r][f"ema.{n}"], tensors[0][f"ema.{n}"]) for n in names)
+    assert far_from({n: tensors[0][f"hist8.{n}"] for n in names}, ref)
+    for step in (4, 8):  # one ema_net per checkpoint, written once (no temporary folders left behind)
+        ckpt = tmp_path / "run" / f"checkpoint-{step}"
+        assert sorted(p.name for p in ckpt.iterdir() if "ema" in p.name) == ["ema_net"]
+    saved = load_file(str(tmp_path / "run" / "checkpoint-8" / "ema_net" / "model.safetensors"))
+    assert all(torch.equal(saved[n], tensors[0][f"ema.{n}"]) for n in names)
+
+
+# ----------------------------------------------------------------------------------------------- examples
+def _load_example(name):
+    import importlib.util
+    import sys
+
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(examples, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_train_trainer_runs_short(tmp_path):
+    pytest.importorskip("sklearn", reason="the example's data ships with scikit-learn")
+    pytest.importorskip("matplotlib", reason="the example plots with matplotlib")
+    threads = torch.get_num_threads()
+    try:
+        result = _load_example("train_trainer").main(
+            ["--output_dir", str(tmp_path), "--max_steps", "40", "--eval_steps", "20"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert result["ema_accuracy"] == result["ema_accuracy_reloaded"]
+    assert (tmp_path / "ema_vs_raw.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint-40" / "ema_net" / "model.safetensors").is_file()
+
+
+def test_example_distill_trainer_runs_short(tmp_path):
+    pytest.importorskip("sklearn", reason="the example's data ships with scikit-learn")
+    threads = torch.get_num_threads()
+    try:
+        result = _load_example("distill_trainer").main(str(tmp_path), teacher_steps=20, student_steps=20)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["teacher_untouched"] is True
+    assert result["ema_net_holds_student_only"] is True
