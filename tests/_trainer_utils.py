@@ -75,6 +75,7 @@ class Recorder(TrainerCallback):
         self.eval_weights: dict[int, dict[str, torch.Tensor]] = {}
         self.eval_metrics: dict[int, dict[str, float]] = {}
         self.substeps = 0
+        self.all_evals: list[tuple[int, list[str], dict[str, torch.Tensor]]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.history = [snapshot(self.model)]
@@ -101,6 +102,7 @@ class Recorder(TrainerCallback):
             return  # the nested evaluation of the training weights (eval_both)
         self.eval_weights[state.global_step] = snapshot(self.model)
         self.eval_metrics[state.global_step] = dict(metrics or {})
+        self.all_evals.append((state.global_step, sorted(metrics or {}), snapshot(self.model)))
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:

@@ -179,6 +179,39 @@ def test_epoch_eval_strategy_uses_ema(tmp_path):
         assert far_from(rec.history[step], ref)
 
 
+def test_several_eval_datasets_all_see_the_ema(tmp_path):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8)
+    evals = {"a": ToyDataset(32, seed=1), "b": ToyDataset(16, seed=2)}
+    _, rec = run(tmp_path, model, cb, eval_data=evals, max_steps=10, eval_strategy="steps", eval_steps=5)
+    assert [(s, any(k.startswith("eval_a_") for k in m)) for s, m, _ in rec.all_evals] == [
+        (5, True), (5, False), (10, True), (10, False)
+    ]
+    for step, _, weights in rec.all_evals:
+        ref = reference_ema(np_hist(rec.history[: step + 1]), decays_for("constant", 0.8, step))
+        assert_close_to(weights, ref)
+    assert rec.leaks == []
+
+
+def test_model_init_trainer_uses_the_model_it_trains(tmp_path):
+    """With model_init the Trainer builds a new model in train(); the EMA must follow that one."""
+    cb = EMATrainerCallback(decay=0.8, replace_at_end=False)
+    holder = {}
+
+    def model_init():
+        holder["model"] = TinyNet(seed=len(holder))
+        return holder["model"]
+
+    trainer = Trainer(
+        model_init=model_init, args=training_args(tmp_path, max_steps=6), train_dataset=ToyDataset(64),
+        callbacks=[cb],
+    )
+    first = trainer.model
+    trainer.train()
+    assert trainer.model is holder["model"] and trainer.model is not first  # train() built a second model
+    assert cb.ema.model is trainer.model and cb.ema.step == 6
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def test_resume_equals_uninterrupted_run_bitwise(tmp_path, caplog):
     kw = dict(max_steps=16, save_strategy="steps", save_steps=4, eval_data=ToyDataset(32, seed=1))
