@@ -34,11 +34,17 @@ class EMAArguments:
         >>> callbacks = ema_args.callbacks()  # [EMATrainerCallback(...)], or [] without --ema
     """
 
-    ema: bool = field(default=False, metadata={"help": "Keep an EMA of the model weights and evaluate with it."})
-    ema_decay: float = field(default=0.9999, metadata={"help": "Maximum EMA decay, strictly between 0 and 1."})
+    ema: bool = field(
+        default=False, metadata={"help": "Keep an EMA of the model weights and evaluate with it."}
+    )
+    ema_decay: float = field(
+        default=0.9999, metadata={"help": "Maximum EMA decay, strictly between 0 and 1."}
+    )
     ema_decay_type: str = field(
         default="constant",
-        metadata={"help": "Decay schedule: constant, threshold, exp, or a name in hf_ema.EMA_DECAY_FUNCTIONS."},
+        metadata={
+            "help": "Decay schedule: constant, threshold, exp, or a name in hf_ema.EMA_DECAY_FUNCTIONS."
+        },
     )
     ema_beta: float = field(default=15.0, metadata={"help": "Sharpness of the `exp` schedule (> 0)."})
     ema_update_every: int = field(
@@ -59,7 +65,8 @@ class EMAArguments:
         default=False, metadata={"help": "Average only parameters with requires_grad (e.g. LoRA adapters)."}
     )
     ema_device: str | None = field(
-        default=None, metadata={"help": "Keep the EMA on this device (e.g. `cpu`); default: next to the weights."}
+        default=None,
+        metadata={"help": "Keep the EMA on this device (e.g. `cpu`); default: next to the weights."},
     )
     ema_replace_at_end: bool = field(
         default=True, metadata={"help": "Put the EMA weights into the model when training ends."}
@@ -69,7 +76,8 @@ class EMAArguments:
         metadata={"help": "Also evaluate the training weights, reported under `ema_raw_prefix`."},
     )
     ema_raw_prefix: str = field(
-        default="eval_raw", metadata={"help": "Metric prefix of the training weights' evaluation (eval_both)."}
+        default="eval_raw",
+        metadata={"help": "Metric prefix of the training weights' evaluation (eval_both)."},
     )
 
     def __post_init__(self) -> None:

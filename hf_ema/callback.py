@@ -312,7 +312,9 @@ class EMATrainerCallback(TrainerCallback):
                 break
         if checkpoint is not None and has_ema(checkpoint):
             self.ema.load(checkpoint)
-            logger.info("EMA restored from %s (EMA step %d)", os.path.join(checkpoint, EMA_DIRNAME), self.ema.step)
+            logger.info(
+                "EMA restored from %s (EMA step %d)", os.path.join(checkpoint, EMA_DIRNAME), self.ema.step
+            )
             return
         where = repr(checkpoint) if checkpoint else f"any of {[c for c in candidates if c]}"
         logger.warning(
@@ -431,7 +433,9 @@ class EMATrainerCallback(TrainerCallback):
         if os.path.isdir(path):
             return path
         # Hyper-parameter search runs write to output_dir/<run-name>/checkpoint-N.
-        found = [p for p in glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)) if os.path.isdir(p)]
+        found = [
+            p for p in glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)) if os.path.isdir(p)
+        ]
         return max(found, key=os.path.getmtime) if found else None
 
     def on_save(
