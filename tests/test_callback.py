@@ -17,7 +17,7 @@ import torch
 from _trainer_utils import Recorder, TinyNet, ToyDataset, same_bits, snapshot, training_args
 from reference import decays_for, reference_ema, tiny_bert
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, Trainer
+from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 from hf_ema import EMATrainerCallback, load_model
 
@@ -106,6 +106,40 @@ def test_gradient_accumulation_one_update_per_optimizer_step(tmp_path):
     assert far_from(rec.history[-1], ref)
 
 
+class FakeOverflowAtStep(TrainerCallback):
+    """Makes optimizer step ``index`` (0-based) a no-op that reports itself skipped, as an fp16 overflow does."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if state.global_step == self.index:
+            for p in model.parameters():
+                p.grad = None  # plain SGD without momentum: the step leaves the weights as they are
+            optimizer._is_overflow = True
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        optimizer._is_overflow = False
+
+
+def test_skipped_optimizer_step_is_neither_counted_nor_averaged(tmp_path):
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.9, decay_type="threshold")
+    rec = Recorder(model)
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path, max_steps=10), train_dataset=ToyDataset(64),
+        callbacks=[FakeOverflowAtStep(3), rec, cb],
+    )
+    trainer.train()
+    assert same_bits(rec.history[4], rec.history[3])  # step 3 really left the weights alone
+    assert cb.ema.step == 9
+    kept = rec.history[:4] + rec.history[5:]
+    ref = reference_ema(np_hist(kept), decays_for("threshold", 0.9, 9))
+    assert_close_to(cb.ema.state_dict()["ema"], ref)
+    wrong = reference_ema(np_hist(rec.history), decays_for("threshold", 0.9, 10))
+    assert far_from(cb.ema.state_dict()["ema"], wrong, min_diff=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def _eval_loss(model, tmp_path, eval_data):
     trainer = Trainer(model=model, args=training_args(tmp_path / "separate"), eval_dataset=eval_data)
@@ -177,6 +211,36 @@ def test_epoch_eval_strategy_uses_ema(tmp_path):
         ref = reference_ema(np_hist(rec.history[: step + 1]), decays_for("constant", 0.8, step))
         assert_close_to(rec.eval_weights[step], ref)
         assert far_from(rec.history[step], ref)
+
+
+class CancelEvalAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_evaluate = False
+
+
+def test_cancelled_evaluation_never_lets_ema_weights_train(tmp_path, caplog):
+    """A callback after ours cancels an announced evaluation: the training weights still come back in time."""
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8)
+    rec = Recorder(model)
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=4),
+        train_dataset=ToyDataset(64), eval_dataset=ToyDataset(32, seed=1),
+        callbacks=[rec, cb, CancelEvalAt(4)],
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+        trainer.train()
+    assert sorted(rec.eval_weights) == [8]
+    # the recorder (before us) saw the EMA still in at the start of step 5, but never at an optimizer step
+    assert rec.leaks == ["on_step_begin at global_step 4"]
+    assert any("did not run" in r.getMessage() for r in caplog.records)
+    ref = reference_ema(np_hist(rec.history), decays_for("constant", 0.8, 8))
+    assert_close_to(cb.ema.state_dict()["ema"], ref)
 
 
 def test_several_eval_datasets_all_see_the_ema(tmp_path):
