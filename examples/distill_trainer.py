@@ -41,19 +41,37 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             teacher_logits = self.teacher(pixel_values=inputs["pixel_values"]).logits
         t = self.temperature
-        kd = nn.functional.kl_div(
-            (outputs.logits / t).log_softmax(-1), (teacher_logits / t).log_softmax(-1),
-            log_target=True, reduction="batchmean",
-        ) * t * t
+        kd = (
+            nn.functional.kl_div(
+                (outputs.logits / t).log_softmax(-1),
+                (teacher_logits / t).log_softmax(-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            * t
+            * t
+        )
         loss = self.alpha * outputs.loss + (1 - self.alpha) * kd
         return (loss, outputs) if return_outputs else loss
 
 
 def base_args(output_dir: str, max_steps: int, lr: float, **kw) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=16, per_device_eval_batch_size=256,
-        learning_rate=lr, optim="sgd", optim_args="momentum=0.9", lr_scheduler_type="constant", max_grad_norm=0.0,
-        report_to="none", disable_tqdm=True, use_cpu=True, seed=0, dataloader_num_workers=0, **kw,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=256,
+        learning_rate=lr,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        **kw,
     )
 
 
@@ -64,11 +82,14 @@ def main(output_dir: str = "runs/digits_distill", teacher_steps: int = 800, stud
     torch.manual_seed(0)
     teacher = tiny_vit(hidden_size=32, num_layers=2)  # the model of train_trainer.py
     Trainer(
-        model=teacher, args=base_args(os.path.join(output_dir, "teacher"), teacher_steps, 0.03, save_strategy="no"),
+        model=teacher,
+        args=base_args(os.path.join(output_dir, "teacher"), teacher_steps, 0.03, save_strategy="no"),
         train_dataset=train,
     ).train()
     teacher_acc = Trainer(
-        model=teacher, args=base_args(os.path.join(output_dir, "teacher"), 1, 0.03), eval_dataset=test,
+        model=teacher,
+        args=base_args(os.path.join(output_dir, "teacher"), 1, 0.03),
+        eval_dataset=test,
         compute_metrics=accuracy,
     ).evaluate()["eval_accuracy"]
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -79,10 +100,19 @@ def main(output_dir: str = "runs/digits_distill", teacher_steps: int = 800, stud
     trainer = DistillationTrainer(
         model=student,
         args=base_args(
-            os.path.join(output_dir, "student"), student_steps, 0.03, eval_strategy="steps",
-            eval_steps=student_steps // 4, save_strategy="steps", save_steps=student_steps, save_total_limit=1,
+            os.path.join(output_dir, "student"),
+            student_steps,
+            0.03,
+            eval_strategy="steps",
+            eval_steps=student_steps // 4,
+            save_strategy="steps",
+            save_steps=student_steps,
+            save_total_limit=1,
         ),
-        train_dataset=train, eval_dataset=test, compute_metrics=accuracy, teacher=teacher,
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=accuracy,
+        teacher=teacher,
     )
     trainer.add_callback(ema)
     trainer.train()
@@ -91,7 +121,9 @@ def main(output_dir: str = "runs/digits_distill", teacher_steps: int = 800, stud
     tensors, _ = load_ema_net(os.path.join(output_dir, "student", f"checkpoint-{student_steps}"))
     student_only = set(tensors) == set(student.state_dict())
     last = [h for h in trainer.state.log_history if "eval_raw_accuracy" in h][-1]
-    ema_last = [h for h in trainer.state.log_history if "eval_accuracy" in h and h["step"] == last["step"]][-1]
+    ema_last = [h for h in trainer.state.log_history if "eval_accuracy" in h and h["step"] == last["step"]][
+        -1
+    ]
     result = {
         "teacher_accuracy": teacher_acc,
         "student_raw_accuracy": last["eval_raw_accuracy"],

@@ -32,7 +32,9 @@ from hf_ema import EMAArguments, EMATrainerCallback, load_model
 
 @dataclass
 class ExampleArguments:
-    output_dir: str = field(default="runs/digits_ema", metadata={"help": "Where checkpoints and the plot go."})
+    output_dir: str = field(
+        default="runs/digits_ema", metadata={"help": "Where checkpoints and the plot go."}
+    )
     max_steps: int = field(default=800, metadata={"help": "Optimizer steps."})
     eval_steps: int = field(default=50, metadata={"help": "Evaluate every N steps."})
     learning_rate: float = field(default=0.03, metadata={"help": "SGD learning rate (large on purpose)."})
@@ -54,9 +56,17 @@ def digits_datasets(seed: int) -> tuple[Dataset, Dataset]:
 def tiny_vit(hidden_size: int = 32, num_layers: int = 2) -> ViTForImageClassification:
     """A ViT for 8x8 one-channel images (16 patches of 2x2), built from a config: nothing is downloaded."""
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=2, intermediate_size=2 * hidden_size, num_labels=10,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2,
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,
     )
     return ViTForImageClassification(config)
 
@@ -119,7 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Equivalent: EMATrainerCallback(decay=0.995, decay_type="exp", beta=15, eval_both=True)
     callbacks = [EMATrainerCallback.from_args(ema_args)] if ema_args.ema else []
     trainer = Trainer(
-        model=tiny_vit(), args=args, train_dataset=train, eval_dataset=test, compute_metrics=accuracy,
+        model=tiny_vit(),
+        args=args,
+        train_dataset=train,
+        eval_dataset=test,
+        compute_metrics=accuracy,
         callbacks=callbacks,
     )
     trainer.train()

@@ -282,7 +282,9 @@ class EMATrainerCallback(TrainerCallback):
     ) -> None:
         trainer, resume = _find_running_trainer()
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
-        model = getattr(trainer, "model", None) if trainer is not None else None
+        # The Trainer's own model, not the callback handler's reference: with `model_init`, train() builds a
+        # new model and the handler keeps the one built in __init__.
+        model = getattr(self.trainer, "model", None)
         if model is None:
             model = kwargs.get("model")
         if model is None:

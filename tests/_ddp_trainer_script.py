@@ -25,11 +25,20 @@ def main(out: str) -> None:
     rec = Recorder(model)
     cb = EMATrainerCallback(decay=0.7, decay_type="threshold")
     args = training_args(
-        os.path.join(out, "run"), max_steps=8, per_device_train_batch_size=4, eval_strategy="steps", eval_steps=4,
-        save_strategy="steps", save_steps=4, ddp_backend="gloo",
+        os.path.join(out, "run"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        ddp_backend="gloo",
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=ToyDataset(64), eval_dataset=ToyDataset(32, seed=1),
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(64),
+        eval_dataset=ToyDataset(32, seed=1),
         callbacks=[rec, cb],
     )
     trainer.train()
@@ -40,8 +49,15 @@ def main(out: str) -> None:
         tensors.update({f"hist{i}.{k}": v for k, v in h.items()})
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"leaks": rec.leaks, "steps": len(rec.history) - 1, "wrapped": wrapped,
-                   "evals": sorted(rec.eval_weights)}, f)
+        json.dump(
+            {
+                "leaks": rec.leaks,
+                "steps": len(rec.history) - 1,
+                "wrapped": wrapped,
+                "evals": sorted(rec.eval_weights),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ class ToyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self.tokens:
-            return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+            return {
+                "input_ids": self.ids[i],
+                "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": self.labels[i],
+            }
         return {"x": self.x[i], "labels": self.labels[i]}
 
 
@@ -98,7 +102,11 @@ class Recorder(TrainerCallback):
         self.substeps += 1
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics is not None and any(k.startswith("eval_raw") for k in metrics) and state.global_step in self.eval_metrics:
+        if (
+            metrics is not None
+            and any(k.startswith("eval_raw") for k in metrics)
+            and state.global_step in self.eval_metrics
+        ):
             return  # the nested evaluation of the training weights (eval_both)
         self.eval_weights[state.global_step] = snapshot(self.model)
         self.eval_metrics[state.global_step] = dict(metrics or {})

@@ -17,17 +17,42 @@ def parse(argv):
 def test_flags_parse_into_callback_settings():
     a = parse(
         [
-            "--ema", "--ema_decay", "0.995", "--ema_decay_type", "exp", "--ema_beta", "10",
-            "--ema_update_every", "4", "--ema_total_steps", "500", "--ema_dtype", "float64",
-            "--ema_buffers", "copy", "--ema_trainable_only", "--ema_device", "cpu", "--no_ema_replace_at_end",
-            "--ema_eval_both", "--ema_raw_prefix", "eval_train",
+            "--ema",
+            "--ema_decay",
+            "0.995",
+            "--ema_decay_type",
+            "exp",
+            "--ema_beta",
+            "10",
+            "--ema_update_every",
+            "4",
+            "--ema_total_steps",
+            "500",
+            "--ema_dtype",
+            "float64",
+            "--ema_buffers",
+            "copy",
+            "--ema_trainable_only",
+            "--ema_device",
+            "cpu",
+            "--no_ema_replace_at_end",
+            "--ema_eval_both",
+            "--ema_raw_prefix",
+            "eval_train",
         ]
     )
     assert a.ema is True
     cb = EMATrainerCallback.from_args(a)
     assert cb.ema_kwargs == {
-        "decay": 0.995, "decay_type": "exp", "beta": 10.0, "total_steps": 500, "update_every": 4,
-        "dtype": "float64", "buffers": "copy", "trainable_only": True, "device": "cpu",
+        "decay": 0.995,
+        "decay_type": "exp",
+        "beta": 10.0,
+        "total_steps": 500,
+        "update_every": 4,
+        "dtype": "float64",
+        "buffers": "copy",
+        "trainable_only": True,
+        "device": "cpu",
     }
     assert (cb.replace_at_end, cb.eval_both, cb.raw_prefix) == (False, True, "eval_train")
     assert len(a.callbacks()) == 1 and isinstance(a.callbacks()[0], EMATrainerCallback)

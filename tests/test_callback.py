@@ -54,14 +54,18 @@ def run(tmp_path, model, cb, data=None, eval_data=None, trainer_cls=Trainer, res
 
 
 # ----------------------------------------------------------------------------------------------- EMA values
-@pytest.mark.parametrize(
-    ("decay_type", "kw"), [("constant", {}), ("threshold", {}), ("exp", {"beta": 4.0})]
-)
+@pytest.mark.parametrize(("decay_type", "kw"), [("constant", {}), ("threshold", {}), ("exp", {"beta": 4.0})])
 def test_ema_equals_reference_for_each_schedule(tmp_path, decay_type, kw):
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.8, decay_type=decay_type, **kw)
     trainer, rec = run(
-        tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), eval_strategy="steps", eval_steps=5, max_steps=20
+        tmp_path,
+        model,
+        cb,
+        eval_data=ToyDataset(32, seed=1),
+        eval_strategy="steps",
+        eval_steps=5,
+        max_steps=20,
     )
     assert len(rec.history) == 21 and cb.ema.step == 20
     ref = reference_ema(np_hist(rec.history), decays_for(decay_type, 0.8, 20, 20, **kw))
@@ -96,7 +100,9 @@ def test_replace_at_end_false_keeps_training_weights(tmp_path):
 def test_gradient_accumulation_one_update_per_optimizer_step(tmp_path):
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.7, decay_type="threshold", update_every=2)
-    _, rec = run(tmp_path, model, cb, gradient_accumulation_steps=4, per_device_train_batch_size=4, max_steps=6)
+    _, rec = run(
+        tmp_path, model, cb, gradient_accumulation_steps=4, per_device_train_batch_size=4, max_steps=6
+    )
     # 6 optimizer steps of 4 micro-batches each: 18 micro-batches in between, 6 EMA steps, 3 averages.
     assert rec.substeps == 18
     assert len(rec.history) == 7
@@ -127,7 +133,9 @@ def test_skipped_optimizer_step_is_neither_counted_nor_averaged(tmp_path):
     cb = EMATrainerCallback(decay=0.9, decay_type="threshold")
     rec = Recorder(model)
     trainer = Trainer(
-        model=model, args=training_args(tmp_path, max_steps=10), train_dataset=ToyDataset(64),
+        model=model,
+        args=training_args(tmp_path, max_steps=10),
+        train_dataset=ToyDataset(64),
         callbacks=[FakeOverflowAtStep(3), rec, cb],
     )
     trainer.train()
@@ -162,8 +170,18 @@ def test_checkpoints_eval_metrics_and_eval_both_with_pretrained_model(tmp_path):
     cb = EMATrainerCallback(decay=0.7, decay_type="threshold", eval_both=True)
     out = tmp_path / "out"
     trainer, rec = run(
-        out, model, cb, data=data, eval_data=eval_data, max_steps=15, eval_strategy="steps", eval_steps=5,
-        save_strategy="steps", save_steps=5, save_total_limit=2, learning_rate=0.3,
+        out,
+        model,
+        cb,
+        data=data,
+        eval_data=eval_data,
+        max_steps=15,
+        eval_strategy="steps",
+        eval_steps=5,
+        save_strategy="steps",
+        save_steps=5,
+        save_total_limit=2,
+        learning_rate=0.3,
     )
     assert rec.leaks == []
     decays = decays_for("threshold", 0.7, 15)
@@ -203,7 +221,12 @@ def test_epoch_eval_strategy_uses_ema(tmp_path):
     cb = EMATrainerCallback(decay=0.8, decay_type="constant")
     # 64 samples / batch 8 = 8 steps per epoch, 2 epochs
     _, rec = run(
-        tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), max_steps=-1, num_train_epochs=2,
+        tmp_path,
+        model,
+        cb,
+        eval_data=ToyDataset(32, seed=1),
+        max_steps=-1,
+        num_train_epochs=2,
         eval_strategy="epoch",
     )
     assert sorted(rec.eval_weights) == [8, 16] and rec.leaks == []
@@ -230,7 +253,8 @@ def test_cancelled_evaluation_never_lets_ema_weights_train(tmp_path, caplog):
     trainer = Trainer(
         model=model,
         args=training_args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=4),
-        train_dataset=ToyDataset(64), eval_dataset=ToyDataset(32, seed=1),
+        train_dataset=ToyDataset(64),
+        eval_dataset=ToyDataset(32, seed=1),
         callbacks=[rec, cb, CancelEvalAt(4)],
     )
     with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
@@ -249,7 +273,10 @@ def test_several_eval_datasets_all_see_the_ema(tmp_path):
     evals = {"a": ToyDataset(32, seed=1), "b": ToyDataset(16, seed=2)}
     _, rec = run(tmp_path, model, cb, eval_data=evals, max_steps=10, eval_strategy="steps", eval_steps=5)
     assert [(s, any(k.startswith("eval_a_") for k in m)) for s, m, _ in rec.all_evals] == [
-        (5, True), (5, False), (10, True), (10, False)
+        (5, True),
+        (5, False),
+        (10, True),
+        (10, False),
     ]
     for step, _, weights in rec.all_evals:
         ref = reference_ema(np_hist(rec.history[: step + 1]), decays_for("constant", 0.8, step))
@@ -267,7 +294,9 @@ def test_model_init_trainer_uses_the_model_it_trains(tmp_path):
         return holder["model"]
 
     trainer = Trainer(
-        model_init=model_init, args=training_args(tmp_path, max_steps=6), train_dataset=ToyDataset(64),
+        model_init=model_init,
+        args=training_args(tmp_path, max_steps=6),
+        train_dataset=ToyDataset(64),
         callbacks=[cb],
     )
     first = trainer.model
@@ -335,14 +364,24 @@ def test_load_best_model_at_end_ends_with_best_checkpoints_ema(tmp_path, replace
     scores = iter([1.0, 5.0, 2.0, 3.0])  # the 2nd evaluation (step 8) scores best, so best != last
 
     def compute_metrics(pred):
-        return {"score": next(scores), "accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+        return {
+            "score": next(scores),
+            "accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean()),
+        }
 
     rec = Recorder(model)
     trainer = Trainer(
         model=model,
         args=training_args(
-            tmp_path, max_steps=16, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-            load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+            tmp_path,
+            max_steps=16,
+            eval_strategy="steps",
+            eval_steps=4,
+            save_strategy="steps",
+            save_steps=4,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
         ),
         train_dataset=ToyDataset(64),
         eval_dataset=ToyDataset(32, seed=1),
@@ -385,8 +424,11 @@ def test_distillation_averages_student_only(tmp_path):
     cb = EMATrainerCallback(decay=0.8)
     rec = Recorder(student)
     trainer = DistillTrainer(
-        model=student, args=training_args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10),
-        train_dataset=ToyDataset(64), callbacks=[rec, cb], teacher=teacher,
+        model=student,
+        args=training_args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10),
+        train_dataset=ToyDataset(64),
+        callbacks=[rec, cb],
+        teacher=teacher,
     )
     trainer.train()
     assert same_bits(snapshot(teacher), teacher_before)
@@ -403,13 +445,20 @@ def test_lora_trainable_only_averages_adapters(tmp_path):
 
     def make():
         return peft.get_peft_model(
-            tiny_bert(seed=0), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+            tiny_bert(seed=0),
+            peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
         )
 
     model = make()
     cb = EMATrainerCallback(decay=0.7, trainable_only=True)
     _, rec = run(
-        tmp_path, model, cb, data=ToyDataset(64, tokens=True), max_steps=8, save_strategy="steps", save_steps=8,
+        tmp_path,
+        model,
+        cb,
+        data=ToyDataset(64, tokens=True),
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=8,
         learning_rate=2.0,
     )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -477,8 +526,17 @@ def test_ddp_two_processes_wrapped_model(tmp_path):
 
     script = os.path.join(os.path.dirname(__file__), "_ddp_trainer_script.py")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), script, str(tmp_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        script,
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
