@@ -84,8 +84,11 @@ def test_ema_equals_reference_for_each_schedule(tmp_path, decay_type, kw):
     assert sorted(logged) == list(range(1, 21))
     want = decays_for(decay_type, 0.8, 20, 20, **kw)
     assert [logged[s] for s in range(1, 21)] == pytest.approx(want, rel=1e-12)
-    # End of training: the model holds the EMA.
+    # End of training: the model holds the EMA, so save_model() writes it.
     assert_close_to(dict(model.named_parameters()), ref)
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert all(torch.equal(final[n], t) for n, t in state.items())
 
 
 def test_replace_at_end_false_keeps_training_weights(tmp_path):
