@@ -25,6 +25,9 @@ Why these hooks (checked against ``transformers`` 5.24; the same order holds in 
   per dataset; the training weights come back after the last one. If an announced evaluation never comes (another
   callback cleared ``should_evaluate``), the training weights are put back, with a warning, in ``on_step_begin``
   / ``on_epoch_begin`` / ``on_save`` / ``on_train_end``, so EMA weights never reach an optimizer step.
+  Consequence for other callbacks: those listed *after* this one that read the weights in ``on_step_end`` /
+  ``on_epoch_end`` of a step that is about to be evaluated see the EMA weights; ``on_optimizer_step`` always sees
+  the training weights (this callback does nothing there).
 * ``on_save`` fires after ``_save_checkpoint`` has written ``output_dir/checkpoint-{global_step}`` (no staging
   folder, rename or rotation after it; rotation runs inside ``_save_checkpoint`` and always keeps the newest
   checkpoint), so ``ema_net/`` is written into that folder, by the main process; ``save_total_limit`` rotation
