@@ -12,12 +12,30 @@ Example:
 
 __version__ = "0.1.0"
 
-from .args import EMAArguments
-from .callback import EMATrainerCallback
+from typing import TYPE_CHECKING, Any
+
 from .io import EMAFileError, load_ema_net, save_ema_net
 from .loading import load_model
 from .schedules import EMA_DECAY_FUNCTIONS, ConstantDecay, ExpDecay, IDecayFunction, ThresholdDecay
 from .state import EMAState
+
+if TYPE_CHECKING:
+    from .args import EMAArguments
+    from .callback import EMATrainerCallback
+
+# The Trainer integration imports transformers (seconds): load it only when asked for, so that Accelerate-only
+# and plain PyTorch users do not pay for it.
+_LAZY = {"EMAArguments": ".args", "EMATrainerCallback": ".callback"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "EMA_DECAY_FUNCTIONS",
