@@ -43,11 +43,14 @@ def interleaved_median(
     warmup: int = 2,
     inner: int = 1,
     device: str | torch.device = "cpu",
-) -> dict[str, dict[str, float]]:
-    """Time every candidate in interleaved rounds; return ``{name: {"median": s, "min": s, "max": s}}``.
+    max_seconds: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Time every candidate in interleaved rounds; return ``{name: {"median": s, "min": s, "max": s, ...}}``.
 
     Each sample is the wall time of ``inner`` back-to-back calls divided by ``inner`` (seconds per call).
     The candidate order rotates every round so none always runs right after the same neighbour.
+    With ``max_seconds``, rounds stop early once that much time has passed (at least 3 rounds run), so a
+    heavily loaded machine cannot push a benchmark past its budget; ``n`` says how many rounds ran.
     """
     names = list(candidates)
     for _ in range(warmup):
@@ -55,7 +58,10 @@ def interleaved_median(
             candidates[n]()
     sync(device)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
     for r in range(rounds):
+        if max_seconds is not None and r >= 3 and time.perf_counter() - start > max_seconds:
+            break
         k = r % len(names)
         for n in names[k:] + names[:k]:
             f = candidates[n]
@@ -66,9 +72,19 @@ def interleaved_median(
             sync(device)
             samples[n].append((time.perf_counter() - t0) / inner)
     return {
-        n: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+        n: {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v), "samples": v}
         for n, v in samples.items()
     }
+
+
+def paired_ratio(stats: dict[str, dict[str, Any]], num: str, den: str) -> float:
+    """Median over rounds of ``time(num) / time(den)`` measured in the same round.
+
+    Both candidates of a pair ran close together in time, so slow drifts of the machine's load cancel in each
+    ratio; this is the figure the tables report as "x copy" / "x timm V3".
+    """
+    a, b = stats[num]["samples"], stats[den]["samples"]
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 # ----------------------------------------------------------------------------- workloads

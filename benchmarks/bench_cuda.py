@@ -19,7 +19,7 @@ import time
 import warnings
 
 import torch
-from _common import ManyTensors, arg_parser, emit, machine_info, md_table, sync
+from _common import ManyTensors, arg_parser, emit, machine_info, md_table, paired_ratio, sync
 from bench_update import FLOOR, HEADERS, OURS, TIMM, run_workload
 
 
@@ -127,14 +127,10 @@ def main() -> None:
     targets = []
     s32 = workloads[0]["stats"]
     if OURS in s32:
-        targets.append(
-            ["(GPU) fp32 update vs copy", f"{s32[OURS]['median'] / s32[FLOOR]['median']:.2f}x", "-"]
-        )
+        targets.append(["(GPU) fp32 update vs copy", f"{paired_ratio(s32, OURS, FLOOR):.2f}x", "-"])
     s16 = workloads[1]["stats"]
     if OURS in s16 and TIMM in s16:
-        targets.append(
-            ["(GPU) bf16+fp32 EMA vs timm V3", f"{s16[OURS]['median'] / s16[TIMM]['median']:.2f}x", "-"]
-        )
+        targets.append(["(GPU) bf16+fp32 EMA vs timm V3", f"{paired_ratio(s16, OURS, TIMM):.2f}x", "-"])
     md.append(md_table(["figure", "measured", "note"], targets))
     emit(
         {

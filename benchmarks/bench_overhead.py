@@ -9,7 +9,7 @@ Run: ``python benchmarks/bench_overhead.py`` (``--quick`` for a smoke run, ``--j
 from __future__ import annotations
 
 import torch
-from _common import ManyTensors, arg_parser, emit, interleaved_median, machine_info, md_table
+from _common import ManyTensors, arg_parser, emit, interleaved_median, machine_info, md_table, paired_ratio
 from bench_update import FLOOR, OURS, TIMM, build_candidates, check_updates
 
 TARGET_MS = 0.4
@@ -22,7 +22,6 @@ def run(n_tensors: int, elems: int, rounds: int, inner: int, decay: float = 0.99
     ratios = check_updates(model, cands, decay)
     timed = {n: c.update for n, c in cands.items() if not c.notes}
     stats = interleaved_median(timed, rounds, inner=inner)
-    floor = stats[FLOOR]["median"]
     rows = []
     for name, c in cands.items():
         if name not in stats:
@@ -30,7 +29,12 @@ def run(n_tensors: int, elems: int, rounds: int, inner: int, decay: float = 0.99
             continue
         m = stats[name]["median"]
         rows.append(
-            [name, f"{m * 1e3:.3f}", f"{m / floor:.1f}", "floor" if not c.check else f"{ratios[name]:.6f}"]
+            [
+                name,
+                f"{m * 1e3:.3f}",
+                f"{paired_ratio(stats, name, FLOOR):.1f}",
+                "floor" if not c.check else f"{ratios[name]:.6f}",
+            ]
         )
     for label, why in skipped.items():
         rows.append([label, "-", "-", f"skipped: {why}"])
@@ -46,7 +50,7 @@ def run(n_tensors: int, elems: int, rounds: int, inner: int, decay: float = 0.99
         )
     timm = stats.get(TIMM, {}).get("median")
     if ours is not None and timm is not None:
-        targets.append(["(info) ours vs timm V3", f"{ours / timm:.2f}x", "-"])
+        targets.append(["(info) ours vs timm V3", f"{paired_ratio(stats, OURS, TIMM):.2f}x", "-"])
     md = (
         f"**Host overhead**: {n_tensors} fp32 tensors of ~{elems} elements, mean of {inner} updates per sample, "
         f"median of {rounds} interleaved rounds\n\n"

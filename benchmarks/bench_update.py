@@ -31,6 +31,7 @@ from _common import (
     interleaved_median,
     machine_info,
     md_table,
+    paired_ratio,
     perturb_,
 )
 from torch import nn
@@ -190,6 +191,7 @@ def run_workload(
     rounds: int,
     decay: float = 0.999,
     device: str = "cpu",
+    max_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Build the workload and all candidates, check them, time them; return rows and raw numbers."""
     torch.manual_seed(0)
@@ -197,8 +199,7 @@ def run_workload(
     cands, skipped = build_candidates(model, decay, torch.float32)
     ratios = check_updates(model, cands, decay)
     timed = {n: c.update for n, c in cands.items() if not c.notes}
-    stats = interleaved_median(timed, rounds, device=device)
-    floor = stats[FLOOR]["median"]
+    stats = interleaved_median(timed, rounds, device=device, max_seconds=max_seconds)
     timm = stats.get(TIMM, {}).get("median")
     rows = []
     for name, c in cands.items():
@@ -210,8 +211,8 @@ def run_workload(
             [
                 name,
                 f"{m * 1e3:.2f}",
-                f"{m / floor:.2f}",
-                f"{m / timm:.2f}" if timm else "-",
+                f"{paired_ratio(stats, name, FLOOR):.2f}",
+                f"{paired_ratio(stats, name, TIMM):.2f}" if timm else "-",
                 "floor" if not c.check else f"ratio {ratios[name]:.6f} = d ok",
             ]
         )
@@ -229,7 +230,7 @@ def run_workload(
         "param_dtype": str(p_dtype).replace("torch.", ""),
         "decay": decay,
         "device": str(device),
-        "rounds": rounds,
+        "rounds": stats[FLOOR]["n"],
         "stats": stats,
         "ratios": ratios,
         "skipped": skipped,
@@ -245,29 +246,43 @@ def main() -> None:
     p.add_argument("--params", type=int, default=50_000_000, help="total parameter elements")
     p.add_argument("--tensors", type=int, default=200, help="number of parameter tensors")
     p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--only", choices=["fp32", "bf16"], default=None, help="run one workload only")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=None, help="stop timing rounds of a workload after this"
+    )
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     total, n_t, rounds = args.params, args.tensors, args.rounds
     if args.quick:
         total, n_t, rounds = 200_000, 20, 3
     results = []
     md = []
-    for label, dt in (("fp32 params, fp32 EMA", torch.float32), ("bf16 params, fp32 EMA", torch.bfloat16)):
-        r = run_workload(label, total, n_t, dt, rounds)
+    workloads = [("fp32 params, fp32 EMA", torch.float32), ("bf16 params, fp32 EMA", torch.bfloat16)]
+    if args.only:
+        workloads = [w for w in workloads if w[0].startswith(args.only)]
+    for label, dt in workloads:
+        r = run_workload(label, total, n_t, dt, rounds, max_seconds=args.max_seconds)
         results.append(r)
         md.append(
             f"**{label}**: {r['numel'] / 1e6:.1f}M elements in {n_t} tensors, decay {r['decay']}, "
-            f"median of {rounds} interleaved rounds\n\n" + md_table(HEADERS, r["rows"])
+            f"{torch.get_num_threads()} torch thread(s), median of {r['rounds']} interleaved rounds\n\n"
+            + md_table(HEADERS, r["rows"])
         )
-    ours32 = results[0]["stats"].get(OURS, {}).get("median")
-    floor32 = results[0]["stats"][FLOOR]["median"]
-    ours16 = results[1]["stats"].get(OURS, {}).get("median")
-    timm16 = results[1]["stats"].get(TIMM, {}).get("median")
+    by_dtype = {r["param_dtype"]: r["stats"] for r in results}
+    s32, s16 = by_dtype.get("float32", {}), by_dtype.get("bfloat16", {})
+    ours32 = s32.get(OURS, {}).get("median")
+    ours16 = s16.get(OURS, {}).get("median")
+    timm16 = s16.get(TIMM, {}).get("median")
     targets = []
     if ours32:
-        v = ours32 / floor32
+        v = paired_ratio(s32, OURS, FLOOR)
         targets.append(["fp32 update <= 1.10x copy", f"{v:.2f}x", "met" if v <= 1.10 else "MISSED"])
     if ours16 and timm16:
-        v = ours16 / timm16
+        v = paired_ratio(s16, OURS, TIMM)
         targets.append(["bf16+fp32-EMA update <= 0.6x timm V3", f"{v:.2f}x", "met" if v <= 0.6 else "MISSED"])
     md.append(md_table(["target", "measured", "status"], targets))
     emit(
