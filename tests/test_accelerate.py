@@ -112,7 +112,10 @@ def test_skipped_optimizer_step_is_not_counted():
 def _run_example(args: list[str], nproc: int) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(nproc),
+        # `accelerate launch --cpu` always runs ONE process (its simple launcher; Accelerate 1.15). The multi-process
+        # launcher (torchrun) with CUDA hidden makes the example ask Accelerate for a gloo MULTI_CPU group.
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     else:
         cmd = [sys.executable]
@@ -130,6 +133,7 @@ def test_example_single_process_in_process(tmp_path):
     from train_accelerate import main
 
     metrics = main([*COMMON, "--output_dir", str(tmp_path / "one")])
+    assert metrics["num_processes"] == 1
     assert metrics["ema_step"] == 6
     assert (tmp_path / "one" / "checkpoint_3" / "ema_net" / "model.safetensors").is_file()
     meta = json.loads((tmp_path / "one" / "checkpoint_6" / "ema_net" / "ema_state.json").read_text())
@@ -141,8 +145,9 @@ def test_example_accelerate_launch_two_processes_then_resumes_exactly(tmp_path):
     common = COMMON
     _run_example([*common, "--output_dir", str(tmp_path / "full")], nproc)
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["num_processes"] == nproc  # really distributed (not nproc independent single-process runs)
     assert metrics["ema_step"] == 6  # one EMA update per optimizer step, not per micro-batch
-    assert set(metrics["final"]) == {"step", "accuracy", "ema_accuracy"}
+    assert set(metrics["final"]) == {"step", "loss", "accuracy", "ema_loss", "ema_accuracy"}
     _run_example([*common, "--output_dir", str(tmp_path / "resumed"),
                   "--resume_from", str(tmp_path / "full" / "checkpoint_3")], nproc)
     for f in ("ema_net/model.safetensors", "model.safetensors"):
