@@ -22,8 +22,10 @@ lint: install-test
 example: install-examples
 	HF_HUB_OFFLINE=1 $(PY) examples/train_trainer.py
 
+# Two CPU processes: `--multi_gpu` only selects the torchrun launcher; with CUDA hidden the script forms a gloo CPU
+# group. (`accelerate launch --cpu --num_processes 2` starts a single process in Accelerate 1.x.)
 example-accelerate: install-examples
-	HF_HUB_OFFLINE=1 accelerate launch --cpu --num_processes 2 examples/train_accelerate.py --ema
+	CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --ema
 
 bench:
 	$(PIP) torch==2.13.0
