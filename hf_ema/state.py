@@ -266,27 +266,18 @@ class EMAState:
 
     def _build_groups(self) -> None:
         """Cache the tensor lists that :meth:`update` works on, one group per (device, dtypes)."""
-        avg: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        inline = [(e.ema, e.live) for e in self._entries if e.mode == "average" and e.staging is None]
+        # CPU offload: averaged on the host from a pinned staged copy of the parameter, see _flush_offload.
+        self._offload = [e for e in self._entries if e.staging is not None]
+        self._avg_groups = _AveragingGroups(inline)
+        self._offload_groups = _AveragingGroups([(e.ema, e.staging) for e in self._offload])
+        self._offload_copy = ([e.staging for e in self._offload], [e.live for e in self._offload])
         copy: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        self._offload: list[_Entry] = []
         for e in self._entries:
-            if e.staging is not None:  # averaged on the host from a staged copy, see _flush_offload
-                self._offload.append(e)
-                continue
-            groups = avg if e.mode == "average" else copy
-            key = (e.ema.device, e.ema.dtype, e.live.device, e.live.dtype)
-            lists = groups.setdefault(key, ([], []))
-            lists[0].append(e.ema)
-            lists[1].append(e.live)
-        self._avg_same = [v for k, v in avg.items() if k[0] == k[2] and k[1] == k[3]]
-        self._avg_mixed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        self._avg_batched: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
-        for (ema_dev, _, live_dev, _), (emas, lives) in avg.items():
-            if emas[0].dtype != lives[0].dtype or ema_dev != live_dev:
-                if ema_dev.type == "cpu" and all(t.is_contiguous() for t in lives):
-                    self._avg_batched.extend(_plan_batches(emas, lives, _SCRATCH_ELEMS))
-                else:
-                    self._avg_mixed.append((emas, lives))
+            if e.mode == "copy":
+                lists = copy.setdefault((e.ema.device, e.ema.dtype, e.live.device, e.live.dtype), ([], []))
+                lists[0].append(e.ema)
+                lists[1].append(e.live)
         self._copy_groups = list(copy.values())
         self._names = [e.name for e in self._entries]
         self._by_name = {e.name: e for e in self._entries}
@@ -378,23 +369,11 @@ class EMAState:
 
     def _apply(self, weight: float) -> None:
         self._flush_offload()
-        for ema, live in self._avg_same:
-            torch._foreach_lerp_(ema, live, weight)
-        for ema, live, scratch in self._avg_batched:
-            # fp32 EMA of bf16/fp16 parameters on the CPU: widen a batch of parameter slices into a small reusable
-            # scratch buffer, then one exact lerp over the EMA (a single pass over it; no per-step allocation).
-            torch._foreach_copy_(scratch, live)
-            torch._foreach_lerp_(ema, scratch, weight)
-        for ema, live in self._avg_mixed:
-            # Mixed dtypes elsewhere (e.g. CUDA, where the promoting add casts inside the kernel).
-            torch._foreach_mul_(ema, 1.0 - weight)
-            torch._foreach_add_(ema, live, alpha=weight)
+        self._avg_groups.lerp_(weight)
         for ema, live in self._copy_groups:
             torch._foreach_copy_(ema, live)
         if self._offload:
-            torch._foreach_copy_(
-                [e.staging for e in self._offload], [e.live for e in self._offload], non_blocking=True
-            )
+            torch._foreach_copy_(*self._offload_copy, non_blocking=True)
             event = torch.cuda.Event() if torch.cuda.is_available() else None
             if event is not None:
                 event.record()
@@ -408,13 +387,7 @@ class EMAState:
         self._pending_offload = None
         if event is not None:
             event.synchronize()
-        emas = [e.ema for e in self._offload]
-        stag = [e.staging for e in self._offload]
-        if all(a.dtype == b.dtype for a, b in zip(emas, stag, strict=True)):
-            torch._foreach_lerp_(emas, stag, weight)
-        else:
-            torch._foreach_mul_(emas, 1.0 - weight)
-            torch._foreach_add_(emas, stag, alpha=weight)
+        self._offload_groups.lerp_(weight)
 
     def wait(self) -> None:
         """Make the EMA current: join a side-stream update and finish a pending offloaded one."""
@@ -713,6 +686,44 @@ class _InstanceOrClassLoad:
 
 
 EMAState.load = _InstanceOrClassLoad()  # type: ignore[assignment]
+
+
+class _AveragingGroups:
+    """``ema <- lerp(ema, src, weight)`` over many (ema, src) pairs, planned once, run with foreach ops.
+
+    Pairs are grouped by (device, dtype) of both sides: same-dtype groups take one ``torch._foreach_lerp_``;
+    low-precision sources with a higher-precision EMA on the CPU go through a small reusable scratch buffer (see
+    :func:`_plan_batches`); any other mix takes a promoting ``_foreach_mul_`` + ``_foreach_add_`` (on CUDA the cast
+    happens inside the kernel).
+    """
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for ema, src in pairs:
+            lists = groups.setdefault((ema.device, ema.dtype, src.device, src.dtype), ([], []))
+            lists[0].append(ema)
+            lists[1].append(src)
+        self.same: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.batched: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+        self.mixed: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        for (ema_dev, ema_dtype, src_dev, src_dtype), (emas, srcs) in groups.items():
+            if ema_dev == src_dev and ema_dtype == src_dtype:
+                self.same.append((emas, srcs))
+            elif ema_dev == src_dev and ema_dev.type == "cpu" and all(t.is_contiguous() for t in srcs):
+                self.batched.extend(_plan_batches(emas, srcs, _SCRATCH_ELEMS))
+            else:
+                self.mixed.append((emas, srcs))
+
+    def lerp_(self, weight: float) -> None:
+        for emas, srcs in self.same:
+            torch._foreach_lerp_(emas, srcs, weight)
+        for emas, srcs, scratch in self.batched:
+            # Widen a batch of parameter slices into the scratch, then one exact lerp: a single pass over the EMA.
+            torch._foreach_copy_(scratch, srcs)
+            torch._foreach_lerp_(emas, scratch, weight)
+        for emas, srcs in self.mixed:
+            torch._foreach_mul_(emas, 1.0 - weight)
+            torch._foreach_add_(emas, srcs, alpha=weight)
 
 
 #: Elements of the fp32 scratch buffer used to widen bf16/fp16 parameters on the CPU (4 MiB; 2**18..2**22 measured,
