@@ -1,33 +1,45 @@
-# Set-up and runs. Every target installs what it needs first; torch is pinned to the local CPU build through
-# constraints.txt so a fresh machine never pulls a multi-GB CUDA wheel.
+# Set-up and runs. Each target first makes (or reuses) a virtual environment and installs what it needs into it,
+# so nothing else installed on the machine can interfere. torch is pinned to the local CPU build through
+# constraints.txt, so a fresh machine never pulls a multi-GB CUDA wheel.
 PY ?= python3
-PIP = $(PY) -m pip install -q -c constraints.txt
+VENV ?= .venv
+VPY = $(VENV)/bin/python
+PIP = $(VPY) -m pip install -q -c constraints.txt
 
-.PHONY: install-test install-examples test example example-accelerate lint bench
+.PHONY: venv install-test install-examples test example example-accelerate lint bench
 
-install-test:
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+
+venv: $(VPY)
+
+install-test: venv
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 
-install-examples:
+install-examples: venv
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[examples]"
 
 test: install-test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(VPY) -m pytest -q
 
 lint: install-test
-	$(PY) -m ruff check .
+	$(VPY) -m ruff check .
 
 example: install-examples
-	HF_HUB_OFFLINE=1 $(PY) examples/train_trainer.py
+	HF_HUB_OFFLINE=1 $(VPY) examples/train_trainer.py
 
 # Two CPU processes: `--multi_gpu` only selects the torchrun launcher; with CUDA hidden the script forms a gloo CPU
 # group. (`accelerate launch --cpu --num_processes 2` starts a single process in Accelerate 1.x.)
 example-accelerate: install-examples
-	CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --ema
+	CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
+		examples/train_accelerate.py --ema
 
+# The peers (timm pulls torchvision, whose PyPI wheels need the matching PyPI torch) get their own environment.
 bench:
-	$(PIP) torch==2.13.0
-	$(PIP) -e ".[bench,examples]"
-	$(PY) benchmarks/run_all.py
+	$(MAKE) VENV=.venv-bench venv
+	.venv-bench/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-bench/bin/python -m pip install -q -e ".[bench,examples]"
+	.venv-bench/bin/python benchmarks/run_all.py
