@@ -82,13 +82,24 @@ def _refuse_fsdp1(model: nn.Module) -> None:
             )
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter)."""
+def _dtensor_api() -> tuple[Any, Any] | None:
+    """``(DTensor, compute_local_shape_and_global_offset)``; public since torch 2.5, ``_tensor`` before."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover - torch < 2.5, or built without distributed
+        try:
+            from torch.distributed._tensor import DTensor
+            from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+        except ImportError:
+            return None
+    return DTensor, compute_local_shape_and_global_offset
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 parameter)."""
+    api = _dtensor_api()
+    return api is not None and isinstance(t, api[0])
 
 
 def is_zero3_param(t: torch.Tensor) -> bool:
@@ -173,8 +184,7 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         [1.0, 1.0]
     """
     if is_dtensor(source):
-        from torch.distributed.tensor import DTensor
-
+        DTensor = _dtensor_api()[0]
         dt = DTensor.from_local(
             local.to(source.device) if local.device != source.device else local,
             source.device_mesh,
@@ -222,8 +232,7 @@ def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
             f"shard_like: `full` has shape {tuple(full.shape)}, expected {tuple(full_shape(source))}"
         )
     if is_dtensor(source):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
+        compute_local_shape_and_global_offset = _dtensor_api()[1]
         shape, offset = compute_local_shape_and_global_offset(
             source.shape, source.device_mesh, source.placements
         )
