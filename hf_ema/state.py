@@ -248,7 +248,7 @@ class EMAState:
     def _make_entry(self, name: str, kind: str, mode: str, source: torch.Tensor) -> _Entry:
         live = dist_utils.local_tensor(source)
         dtype = self._ema_dtype(live) if mode == "average" else live.dtype
-        device = self.device if self.device is not None else live.device
+        device = live.device if self.device is None or _same_device(self.device, live.device) else self.device
         if device != live.device and device.type != "cpu":
             raise ValueError(
                 f"`device`={str(device)!r}: the EMA can live next to each parameter (device=None) or in host memory "
@@ -760,6 +760,15 @@ def _plan_batches(
     if cur[0]:
         batches.append(cur)
     return batches
+
+
+def _same_device(wanted: torch.device, actual: torch.device) -> bool:
+    """``torch.device("cuda")`` names the current CUDA device, so it matches ``cuda:<current>``."""
+    if wanted.type != actual.type:
+        return False
+    if wanted.index is None and actual.type == "cuda":
+        return actual.index == torch.cuda.current_device()
+    return wanted.index is None or wanted.index == actual.index
 
 
 def _xor_swap(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -659,3 +659,15 @@ def test_numpy_scalars_are_accepted():
     ema.update()
     got = ema.update()
     assert math.isclose(got, float(np.float32(0.5)) * (1 - math.exp(-15.0 * 1 / 40)), rel_tol=1e-12)
+
+
+def test_device_argument_matches_the_parameters_device_by_type_and_index():
+    from hf_ema.state import _same_device
+
+    assert _same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not _same_device(torch.device("cuda"), torch.device("cpu"))
+    assert _same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not _same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    # device="cpu" for CPU parameters is no offload: the EMA lives beside them, no staging copy
+    ema = EMAState(tiny_mlp(), decay=0.9, device="cpu")
+    assert not ema._offload
