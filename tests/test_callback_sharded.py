@@ -14,9 +14,6 @@ after every optimizer step.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests._torchrun import assert_close, load_history, run_torchrun
 from tests.callback_sharded_worker import DECAY, DECAY_TYPE, EVAL_STEP, MAX_STEPS, SAVE_STEP
-from tests.reference import decays_for, record, reference_ema, tiny_bert, to_numpy
+from tests.reference import decays_for, reference_ema, tiny_bert, to_numpy
 
 WORKER = Path(__file__).with_name("callback_sharded_worker.py")
-ROOT = WORKER.parents[1]
 TIMEOUT_S = 180
 
 pytestmark = pytest.mark.skipif(
@@ -40,41 +37,14 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, dict[int, dict]]:
     out = tmp_path_factory.mktemp("callback_fsdp2")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-    ]
-    proc = subprocess.run(
-        [*cmd, str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"worker failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    run_torchrun(WORKER, str(out), timeout=TIMEOUT_S)
     return out, {r: json.loads((out / f"info_rank{r}.json").read_text()) for r in (0, 1)}
 
 
-def _history(out: Path) -> list[dict[str, np.ndarray]]:
-    flat = load_file(str(out / "history.safetensors"))
-    steps = sorted({int(k.split("/", 1)[0]) for k in flat})
-    return [record((k.split("/", 1)[1], v) for k, v in flat.items() if k.startswith(f"{i}/")) for i in steps]
-
-
 def _expected(out: Path, steps: int) -> dict[str, np.ndarray]:
-    history = _history(out)
+    history = load_history(out / "history.safetensors")
     assert len(history) == MAX_STEPS + 1
     return reference_ema(history[: steps + 1], decays_for(DECAY_TYPE, DECAY, steps))
-
-
-def _assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def _model_names() -> list[str]:
@@ -105,7 +75,7 @@ def test_gathered_ema_equals_reference_of_gathered_parameters(run):
     assert info[0]["total_steps"] == MAX_STEPS  # taken from state.max_steps
     assert info[0]["ema_step"] == info[1]["ema_step"] == MAX_STEPS
     assert info[0]["ema_state_dict_len"] == len(_model_names()) and info[1]["ema_state_dict_len"] == 0
-    _assert_close(load_file(str(out / "final_ema.safetensors")), _expected(out, MAX_STEPS))
+    assert_close(load_file(str(out / "final_ema.safetensors")), _expected(out, MAX_STEPS))
 
 
 def test_evaluation_uses_the_ema_and_restores_training_weights_bitwise(run):
@@ -113,7 +83,7 @@ def test_evaluation_uses_the_ema_and_restores_training_weights_bitwise(run):
     expected = _expected(out, EVAL_STEP)
     # between the swap (end of on_step_end) and on_evaluate the model holds the EMA of step EVAL_STEP
     assert info[0]["swapped_in"] is True
-    _assert_close(load_file(str(out / "eval_under_swap.safetensors")), expected)
+    assert_close(load_file(str(out / "eval_under_swap.safetensors")), expected)
     # the sharded forward under the swap equals a plain, unsharded model loaded with the reference EMA
     plain = tiny_bert(seed=99)
     plain.load_state_dict({k: torch.from_numpy(v).float() for k, v in expected.items()})
@@ -135,7 +105,7 @@ def test_checkpoint_ema_net_written_once_with_full_tensors_and_loads_with_from_p
     saved = load_file(str(ema_net / "model.safetensors"))
     shapes = {k: tuple(v.shape) for k, v in tiny_bert(0).state_dict().items()}
     assert {k: tuple(v.shape) for k, v in saved.items()} == shapes  # full tensors, the model's own names
-    _assert_close(saved, _expected(out, SAVE_STEP))
+    assert_close(saved, _expected(out, SAVE_STEP))
     assert json.loads((ema_net / "ema_state.json").read_text())["step"] == SAVE_STEP
     from transformers import BertForSequenceClassification
 
@@ -159,7 +129,7 @@ def test_resume_restores_the_sharded_ema(run):
     resumed = load_file(str(out / "resumed_final.safetensors"))
     for name in final:
         torch.testing.assert_close(resumed[name], final[name], rtol=0, atol=1e-7, msg=name)
-    _assert_close(resumed, _expected(out, MAX_STEPS))
+    assert_close(resumed, _expected(out, MAX_STEPS))
     l0 = load_file(str(out / "resumed_local_rank0.safetensors"))
     l1 = load_file(str(out / "resumed_local_rank1.safetensors"))
     for name, g in resumed.items():
@@ -173,5 +143,5 @@ def test_model_holds_the_ema_at_train_end(run):
     assert sorted(end) == sorted(final)
     for name in final:
         assert torch.equal(end[name], final[name]), name
-    history = _history(out)
+    history = load_history(out / "history.safetensors")
     assert not np.array_equal(history[-1]["classifier.weight"], to_numpy(end["classifier.weight"]))

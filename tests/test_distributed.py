@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from hf_ema import EMAState
+from tests._torchrun import assert_close, load_history, run_torchrun
 from tests.dist_worker import DECAY, DECAY_TYPE, K, make_model
-from tests.reference import decays_for, record, reference_ema, to_numpy
+from tests.reference import decays_for, record, reference_ema
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-ROOT = WORKER.parents[1]
 TIMEOUT_S = 240
 
 pytestmark = pytest.mark.skipif(
@@ -34,30 +31,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _launch(mode: str, out: Path, *extra: str) -> dict[int, dict]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(WORKER), mode, str(out), *extra]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
-    if proc.returncode != 0:
-        raise AssertionError(f"{mode} worker failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    run_torchrun(WORKER, mode, str(out), *extra, timeout=TIMEOUT_S, label=f"{mode} worker")
     return {r: json.loads((out / f"{mode}_info_rank{r}.json").read_text()) for r in (0, 1)}
-
-
-def _history(path: Path) -> list[dict[str, np.ndarray]]:
-    flat = load_file(str(path))
-    steps = sorted({int(k.split("/", 1)[0]) for k in flat})
-    return [record((k.split("/", 1)[1], v) for k, v in flat.items() if k.startswith(f"{i}/")) for i in steps]
 
 
 def _expected(history: list[dict[str, np.ndarray]], steps: int) -> dict[str, np.ndarray]:
     return reference_ema(history[: steps + 1], decays_for(DECAY_TYPE, DECAY, steps))
-
-
-def _assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +71,7 @@ def test_ddp_ema_identical_on_ranks_and_equal_to_reference(ddp_fsdp):
     assert sorted(r0) == sorted(r1)
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
-    _assert_close(r0, _expected(_history(out / "ddp_history.safetensors"), 2 * K))
+    assert_close(r0, _expected(load_history(out / "ddp_history.safetensors"), 2 * K))
 
 
 def test_ddp_save_state_load_state_resume_equals_uninterrupted(ddp_fsdp):
@@ -112,7 +91,7 @@ def test_fsdp2_gathered_ema_equals_ema_of_gathered_params(ddp_fsdp):
     assert info[0]["param_types"] == ["DTensor"]  # really sharded
     assert info[0]["ema_state_dict_len"] == 4 and info[1]["ema_state_dict_len"] == 0  # main process only
     gathered = load_file(str(out / "fsdp_gathered_ema.safetensors"))
-    _assert_close(gathered, _expected(_history(out / "fsdp_history.safetensors"), 2 * K))
+    assert_close(gathered, _expected(load_history(out / "fsdp_history.safetensors"), 2 * K))
 
 
 def test_fsdp2_ema_is_per_shard_about_half_the_bytes(ddp_fsdp):
@@ -162,18 +141,18 @@ def test_cross_world_size_two_ranks_save_one_rank_loads(ddp_fsdp):
     assert sorted(p.name for p in (ckpt / "ema_net").iterdir()) == ["ema_state.json", "model.safetensors"]
     ema = EMAState.load(ckpt, make_model(seed=99))
     assert ema.step == K
-    _assert_close(ema.state_dict()["ema"], _expected(_history(out / "fsdp_history.safetensors"), K))
+    assert_close(ema.state_dict()["ema"], _expected(load_history(out / "fsdp_history.safetensors"), K))
 
 
 def test_cross_world_size_one_rank_saves_two_ranks_load(ddp_fsdp, single_process_ckpt):
     out, info = ddp_fsdp
     _, expected = single_process_ckpt
     assert info[0]["cross_loaded_step"] == info[1]["cross_loaded_step"] == 3
-    _assert_close(load_file(str(out / "cross_gathered.safetensors")), expected)
+    assert_close(load_file(str(out / "cross_gathered.safetensors")), expected)
     l0 = load_file(str(out / "cross_local_rank0.safetensors"))
     l1 = load_file(str(out / "cross_local_rank1.safetensors"))
     assert l0["2.weight"].shape == (4, 32) and l1["2.weight"].shape == (3, 32)  # uneven shards
-    _assert_close({n: torch.cat([l0[n], l1[n]]) for n in l0}, expected)
+    assert_close({n: torch.cat([l0[n], l1[n]]) for n in l0}, expected)
 
 
 def test_fsdp1_is_refused_with_a_clear_message(ddp_fsdp):
@@ -196,7 +175,7 @@ def test_zero3_partition_ema_gather_and_scatter(tmp_path):
         assert info[rank]["reload_equal"] is True and info[rank]["reload_step"] == 2 * K
         assert info[rank]["reload_gathered_equal"] is True
     gathered = load_file(str(tmp_path / "zero3_gathered_ema.safetensors"))
-    _assert_close(gathered, _expected(_history(tmp_path / "zero3_history.safetensors"), 2 * K))
+    assert_close(gathered, _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))
     # the folder written under ZeRO-3 is the plain model's: it loads into an unsharded model
     ema = EMAState.load(tmp_path / "zero3_ckpt", make_model(seed=3))
-    _assert_close(ema.state_dict()["ema"], _expected(_history(tmp_path / "zero3_history.safetensors"), 2 * K))
+    assert_close(ema.state_dict()["ema"], _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))

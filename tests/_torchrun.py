@@ -1,0 +1,45 @@
+"""Shared by the two-process tests: launch a worker under ``torchrun`` and read back what it recorded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tests.reference import record, to_numpy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(worker: Path, *args: str, timeout: int, label: str = "worker") -> None:
+    """Run ``worker *args`` as 2 processes (``torchrun --standalone``: the rendezvous picks a free port), from the
+    repo root, without ``CUDA_VISIBLE_DEVICES``, within ``timeout`` seconds; raise with the output's tail on failure."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(worker), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{label} failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
+
+
+def load_history(path: Path) -> list[dict[str, np.ndarray]]:
+    """The per-step parameter records a worker saved as ``{step}/{name}`` tensors, in step order."""
+    flat = load_file(str(path))
+    steps = sorted({int(k.split("/", 1)[0]) for k in flat})
+    return [record((k.split("/", 1)[1], v) for k, v in flat.items() if k.startswith(f"{i}/")) for i in steps]
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> None:
+    """Same names, and every tensor within the two-process tests' tolerance of the NumPy reference."""
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
