@@ -40,14 +40,19 @@ def far_from(tensors, ref, min_diff=1e-3):
     return max(float(np.abs(tensors[n].detach().double().numpy() - ref[n]).max()) for n in ref) > min_diff
 
 
-def run(tmp_path, model, cb, data=None, eval_data=None, trainer_cls=Trainer, resume=None, **args):
+def run(
+    tmp_path, model, cb, data=None, eval_data=None, trainer_cls=Trainer, resume=None, before=(), after=(),
+    trainer_kwargs=None, **args
+):
+    """Train with callbacks ``[*before, Recorder(model), cb, *after]``; ``args`` go to ``training_args``."""
     rec = Recorder(model)
     trainer = trainer_cls(
         model=model,
         args=training_args(tmp_path, **args),
         train_dataset=data if data is not None else ToyDataset(64),
         eval_dataset=eval_data,
-        callbacks=[rec, cb],
+        callbacks=[*before, rec, cb, *after],
+        **(trainer_kwargs or {}),
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, rec
@@ -134,14 +139,7 @@ class FakeOverflowAtStep(TrainerCallback):
 def test_skipped_optimizer_step_is_neither_counted_nor_averaged(tmp_path):
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.9, decay_type="threshold")
-    rec = Recorder(model)
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=10),
-        train_dataset=ToyDataset(64),
-        callbacks=[FakeOverflowAtStep(3), rec, cb],
-    )
-    trainer.train()
+    _, rec = run(tmp_path, model, cb, before=[FakeOverflowAtStep(3)], max_steps=10)
     assert same_bits(rec.history[4], rec.history[3])  # step 3 really left the weights alone
     assert cb.ema.step == 9
     kept = rec.history[:4] + rec.history[5:]
@@ -252,16 +250,11 @@ def test_cancelled_evaluation_never_lets_ema_weights_train(tmp_path, caplog):
     """A callback after ours cancels an announced evaluation: the training weights still come back in time."""
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.8)
-    rec = Recorder(model)
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=4),
-        train_dataset=ToyDataset(64),
-        eval_dataset=ToyDataset(32, seed=1),
-        callbacks=[rec, cb, CancelEvalAt(4)],
-    )
     with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
-        trainer.train()
+        _, rec = run(
+            tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), after=[CancelEvalAt(4)],
+            max_steps=8, eval_strategy="steps", eval_steps=4,
+        )
     assert sorted(rec.eval_weights) == [8]
     # the recorder (before us) saw the EMA still in at the start of step 5, but never at an optimizer step
     assert rec.leaks == ["on_step_begin at global_step 4"]
@@ -425,15 +418,10 @@ def test_distillation_averages_student_only(tmp_path):
     teacher_before = snapshot(teacher)
     student = TinyNet(seed=0)
     cb = EMATrainerCallback(decay=0.8)
-    rec = Recorder(student)
-    trainer = DistillTrainer(
-        model=student,
-        args=training_args(tmp_path, max_steps=10, save_strategy="steps", save_steps=10),
-        train_dataset=ToyDataset(64),
-        callbacks=[rec, cb],
-        teacher=teacher,
+    _, rec = run(
+        tmp_path, student, cb, trainer_cls=DistillTrainer, trainer_kwargs={"teacher": teacher},
+        max_steps=10, save_strategy="steps", save_steps=10,
     )
-    trainer.train()
     assert same_bits(snapshot(teacher), teacher_before)
     assert cb.ema.names == [n for n, _ in student.named_parameters()]
     saved = load_file(str(tmp_path / "checkpoint-10" / "ema_net" / "model.safetensors"))
