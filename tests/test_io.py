@@ -234,13 +234,24 @@ def _break_safetensors_writer(monkeypatch):
     return patched_any
 
 
-def test_crash_mid_save_keeps_previous_ema_net(tmp_path, monkeypatch):
+def _ema_snapshot(ema):
+    return {k: v.clone() for k, v in ema.ema_state_dict().items()}
+
+
+def _saved_then_trained_on(tmp_path, steps):
+    """``(model, ema, saved)``: an EMA saved to ``tmp_path`` after ``steps`` steps (``saved``: its tensors then),
+    then driven ``steps`` more."""
     model = tiny_mlp()
     ema = EMAState(model, decay=0.9)
-    drive(ema, model, 5)
+    drive(ema, model, steps)
     ema.save(tmp_path)
-    saved = {k: v.clone() for k, v in ema.ema_state_dict().items()}
-    drive(ema, model, 5, seed=1)
+    saved = _ema_snapshot(ema)
+    drive(ema, model, steps, seed=1)
+    return model, ema, saved
+
+
+def test_crash_mid_save_keeps_previous_ema_net(tmp_path, monkeypatch):
+    model, ema, saved = _saved_then_trained_on(tmp_path, 5)
 
     with monkeypatch.context() as mp:
         _break_safetensors_writer(mp)
@@ -271,13 +282,8 @@ def test_crash_on_first_save_leaves_nothing_loadable(tmp_path, monkeypatch):
 
 def test_crash_while_renaming_into_place_keeps_a_loadable_ema_net(tmp_path, monkeypatch):
     """Even when the final rename dies, ``ema_net`` is either the old complete folder or the new one."""
-    model = tiny_mlp()
-    ema = EMAState(model, decay=0.9)
-    drive(ema, model, 4)
-    ema.save(tmp_path)
-    old = {k: v.clone() for k, v in ema.ema_state_dict().items()}
-    drive(ema, model, 4, seed=1)
-    new = {k: v.clone() for k, v in ema.ema_state_dict().items()}
+    model, ema, old = _saved_then_trained_on(tmp_path, 4)
+    new = _ema_snapshot(ema)
 
     real_replace, real_rename = os.replace, os.rename
 
