@@ -13,7 +13,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .io import EMA_DIRNAME
+from .io import EMA_DIRNAME, find_ema_dir
 
 if TYPE_CHECKING:
     from .state import EMAState
@@ -55,7 +55,10 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
         obj = ref()
         if obj is None:
             return
-        if os.path.isdir(os.path.join(input_dir, EMA_DIRNAME)):
+        ema_dir = os.path.join(input_dir, EMA_DIRNAME)
+        # An incomplete ema_net is loaded so that its error is raised; a save interrupted between its renames is
+        # recovered from the previous folder (find_ema_dir).
+        if os.path.isdir(ema_dir) or find_ema_dir(ema_dir) is not None:
             obj.load(input_dir)
         else:
             logger.warning(

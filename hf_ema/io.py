@@ -31,6 +31,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "EMAFileError",
     "atomic_write_text",
+    "find_ema_dir",
+    "load_ema_meta",
     "load_ema_net",
     "save_ema_net",
 ]
@@ -148,13 +150,81 @@ def save_ema_net(
     return final
 
 
+def find_ema_dir(path: str | os.PathLike) -> Path | None:
+    """The complete EMA folder for ``path``, or ``None`` when there is none.
+
+    ``path`` is a checkpoint folder holding ``ema_net/`` or the ``ema_net`` folder itself. A crash between the two
+    renames of :func:`save_ema_net` leaves the previous, complete folder under a ``.ema_net.old-*`` name and no
+    ``ema_net``: that folder is returned then (the newest one), with a warning, rather than losing the EMA.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> find_ema_dir(d) is None
+        True
+        >>> find_ema_dir(save_ema_net(d, {"w": torch.ones(1)}, {"step": 0}).parent).name
+        'ema_net'
+    """
+    d = _ema_dir(path)
+    if d.is_dir():
+        return d if (d / WEIGHTS_NAME).is_file() and (d / STATE_NAME).is_file() else None
+    if d.name != EMA_DIRNAME:
+        return None
+    olds = [
+        o
+        for o in d.parent.glob(f".{EMA_DIRNAME}.old-*")
+        if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
+    ]
+    if not olds:
+        return None
+    old = max(olds, key=lambda o: o.stat().st_mtime)
+    logger.warning(
+        "No %s at %r: using the previous EMA left by an interrupted save, %r", EMA_DIRNAME, str(d), str(old)
+    )
+    return old
+
+
+def _checked_ema_dir(path: str | os.PathLike) -> Path:
+    found = find_ema_dir(path)
+    if found is not None:
+        return found
+    d = _ema_dir(path)
+    if not d.is_dir():
+        raise EMAFileError(
+            f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
+        )
+    missing = [f for f in (WEIGHTS_NAME, STATE_NAME) if not (d / f).is_file()]
+    raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {missing[0]!r} is missing")
+
+
+def _read_meta(d: Path) -> dict:
+    state = d / STATE_NAME
+    try:
+        meta = json.loads(state.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: expected a JSON object")
+    return meta
+
+
+def load_ema_meta(path: str | os.PathLike) -> dict:
+    """Read only the JSON state of an ``ema_net`` folder (step, schedule, options), not its weights.
+
+    Raises:
+        EMAFileError: As :func:`load_ema_net`.
+    """
+    return _read_meta(_checked_ema_dir(path))
+
+
 def load_ema_net(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Read an ``ema_net`` folder without unpickling anything.
 
     Args:
-        path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself.
+        path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself (see
+            :func:`find_ema_dir` for the recovery of an interrupted save).
         device: Where to put the tensors.
 
     Returns:
@@ -173,37 +243,9 @@ def load_ema_net(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    d = _ema_dir(path)
-    if not d.is_dir() and d.name == EMA_DIRNAME:
-        # A crash between the two renames of save_ema_net leaves the previous, complete folder under its
-        # ".old" name and no ema_net: resume from it rather than refuse.
-        olds = [
-            o
-            for o in d.parent.glob(f".{EMA_DIRNAME}.old-*")
-            if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
-        ]
-        if olds:
-            d = max(olds, key=lambda o: o.stat().st_mtime)
-            logger.warning(
-                "No %s at %r: loading the previous EMA left by an interrupted save, %r",
-                EMA_DIRNAME,
-                str(d.parent / EMA_DIRNAME),
-                str(d),
-            )
-    if not d.is_dir():
-        raise EMAFileError(
-            f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
-        )
-    weights, state = d / WEIGHTS_NAME, d / STATE_NAME
-    for f in (weights, state):
-        if not f.is_file():
-            raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {f.name!r} is missing")
-    try:
-        meta = json.loads(state.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: expected a JSON object")
+    d = _checked_ema_dir(path)
+    meta = _read_meta(d)
+    weights = d / WEIGHTS_NAME
     try:
         tensors = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .io import CONFIG_NAME, EMA_DIRNAME, STATE_NAME, WEIGHTS_NAME, load_ema_net
+from .io import CONFIG_NAME, EMA_DIRNAME, WEIGHTS_NAME, find_ema_dir, load_ema_net
 
 __all__ = ["has_ema", "load_model"]
 
@@ -17,9 +17,9 @@ logger = logging.getLogger(__name__)
 
 
 def has_ema(path: str | os.PathLike) -> bool:
-    """Whether ``path`` (a checkpoint folder) holds an ``ema_net`` folder written by hf_ema."""
-    d = Path(path) / EMA_DIRNAME
-    return (d / WEIGHTS_NAME).is_file() and (d / STATE_NAME).is_file()
+    """Whether ``path`` (a checkpoint folder) holds a complete ``ema_net`` folder written by hf_ema (or the
+    previous one left by an interrupted save, see :func:`hf_ema.io.find_ema_dir`)."""
+    return find_ema_dir(Path(path) / EMA_DIRNAME) is not None
 
 
 def load_model(
@@ -55,16 +55,17 @@ def load_model(
     path = Path(path)
     # An ema_net folder that exists but is incomplete is an error (raised by load_ema_net, naming the path),
     # never a quiet fallback to the training weights.
-    use_ema = prefer_ema and (has_ema(path) or (path / EMA_DIRNAME).is_dir())
-    ema_dir = path / EMA_DIRNAME
+    found = find_ema_dir(path / EMA_DIRNAME) if prefer_ema else None
+    use_ema = prefer_ema and (found is not None or (path / EMA_DIRNAME).is_dir())
+    ema_dir = found or path / EMA_DIRNAME
     if isinstance(model_class, nn.Module):
-        return _load_into_module(model_class, path, use_ema)
+        return _load_into_module(model_class, path, ema_dir if use_ema else None)
     if not hasattr(model_class, "from_pretrained"):
         raise TypeError(
             f"`model_class` must have a `from_pretrained` method or be an nn.Module instance, got {model_class!r}"
         )
     if use_ema:
-        tensors, meta = load_ema_net(ema_dir)
+        tensors, meta = load_ema_net(ema_dir)  # also validates the weights before from_pretrained reads them
         complete = (ema_dir / CONFIG_NAME).is_file() and not meta.get("trainable_only", False)
         if complete:
             logger.info("Loading EMA weights from %s", ema_dir)
@@ -94,13 +95,13 @@ def _overlay(model: nn.Module, tensors: dict, where: Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def _load_into_module(model: nn.Module, path: Path, use_ema: bool) -> nn.Module:
+def _load_into_module(model: nn.Module, path: Path, ema_dir: Path | None) -> nn.Module:
     from safetensors.torch import load_file
 
-    if use_ema:
-        tensors, _ = load_ema_net(path / EMA_DIRNAME)
-        logger.info("Loading EMA weights from %s", path / EMA_DIRNAME)
-        _overlay(model, tensors, path / EMA_DIRNAME)
+    if ema_dir is not None:
+        tensors, _ = load_ema_net(ema_dir)
+        logger.info("Loading EMA weights from %s", ema_dir)
+        _overlay(model, tensors, ema_dir)
         return model
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

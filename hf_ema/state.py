@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .io import EMAFileError, load_ema_net, save_ema_net
+from .io import EMAFileError, load_ema_meta, load_ema_net, save_ema_net
 from .schedules import IDecayFunction, build_schedule
 
 __all__ = ["EMAState"]
@@ -643,7 +643,7 @@ class EMAState:
 
     @classmethod
     def _from_dir(cls, directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-        _, meta = load_ema_net(directory)
+        meta = load_ema_meta(directory)
         kwargs: dict[str, Any] = {
             "decay": meta.get("decay", 0.9999),
             "decay_type": meta.get("decay_type", "constant"),

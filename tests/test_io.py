@@ -317,6 +317,32 @@ def test_crash_while_renaming_into_place_keeps_a_loadable_ema_net(tmp_path, monk
     assert EMAState.load(tmp_path, copy.deepcopy(model)).step == 8
 
 
+def test_interrupted_save_is_recovered_by_every_loader(tmp_path, caplog):
+    """A save that died between its two renames left only ``.ema_net.old-*``: has_ema, load_model and the
+    Accelerate load hook must all find that previous EMA instead of restarting from the model weights."""
+    from accelerate import Accelerator
+
+    from hf_ema import load_model
+    from hf_ema.loading import has_ema
+
+    model, _, saved = _saved_then_trained_on(tmp_path, 3)
+    os.replace(tmp_path / "ema_net", tmp_path / ".ema_net.old-deadbeef")  # the state such a crash leaves
+
+    assert has_ema(tmp_path)
+    loaded = load_model(tiny_mlp(seed=7), tmp_path)
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, saved[name]), name
+
+    accelerator = Accelerator(cpu=True)
+    fresh = EMAState(copy.deepcopy(model), decay=0.9, accelerator=accelerator)
+    for hook in accelerator._load_model_state_pre_hook.values():
+        hook([], str(tmp_path))
+    assert fresh.step == 3
+    for k, v in saved.items():
+        assert torch.equal(fresh.ema_state_dict()[k], v), k
+    assert "interrupted save" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------------------
 # Refusing corrupt files, never unpickling
 # --------------------------------------------------------------------------------------------------------
