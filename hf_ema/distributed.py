@@ -25,6 +25,7 @@ __all__ = [
     "full_tensor",
     "is_dtensor",
     "is_main_process",
+    "is_sharded",
     "is_zero3_param",
     "local_tensor",
     "shard_like",
@@ -161,7 +162,13 @@ def full_shape(source: torch.Tensor) -> torch.Size:
     return source.shape
 
 
-def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is split across processes (FSDP2 ``DTensor`` or ZeRO-3 partition): gathering it is a
+    collective."""
+    return is_dtensor(t) or is_zero3_param(t)
+
+
+def full_tensor(source: torch.Tensor, local: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
     """Assemble the full tensor whose local part (laid out like ``local_tensor(source)``) is ``local``; on the CPU.
 
     * plain tensors (single process, DDP): ``local`` itself, moved to the CPU;
@@ -175,6 +182,7 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     Args:
         source: The parameter or buffer as the model holds it (gives the sharding layout).
         local: A tensor shaped like ``local_tensor(source)`` (e.g. the EMA of that shard); its dtype is kept.
+        to_cpu: Move the result to the CPU (ranks that only take part in the gather pass False to skip the copy).
 
     Returns:
         The full tensor (shape ``full_shape(source)``, dtype of ``local``) on the CPU.
@@ -193,7 +201,8 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
             shape=source.shape,
             stride=source.stride(),
         )
-        return dt.full_tensor().cpu()
+        full = dt.full_tensor()
+        return full.cpu() if to_cpu else full
     if is_zero3_param(source):
         group, world, _, n = _zero3_layout(source)
         if local.numel() != n:
@@ -205,9 +214,9 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         part = local.detach().reshape(-1).to(device)
         parts = [torch.empty_like(part) for _ in range(world)]
         torch.distributed.all_gather(parts, part, group=group)
-        flat = torch.cat([p.cpu() for p in parts])
-        return flat[: source.ds_numel].reshape(source.ds_shape).clone()
-    return local.detach().cpu()
+        full = torch.cat(parts)[: source.ds_numel].reshape(source.ds_shape)
+        return full.cpu() if to_cpu else full
+    return local.detach().cpu() if to_cpu else local.detach()
 
 
 def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

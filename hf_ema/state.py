@@ -198,6 +198,7 @@ class EMAState:
         self.last_decay: float | None = None
         self._swapped = False
         self._xor_swapped: list[_Entry] = []
+        self._xor_ids: set[int] = set()
         self._backups: list[tuple[_Entry, torch.Tensor]] = []
         self._pending_offload: tuple[float, Any] | None = None
         self.side_stream = bool(side_stream)
@@ -249,6 +250,8 @@ class EMAState:
         live = dist_utils.local_tensor(source)
         dtype = self._ema_dtype(live) if mode == "average" else live.dtype
         device = live.device if self.device is None or _same_device(self.device, live.device) else self.device
+        if mode == "copy":  # small buffers: copied beside their tensor, never a blocking cross-device copy
+            device = live.device
         if device != live.device and device.type != "cpu":
             raise ValueError(
                 f"`device`={str(device)!r}: the EMA can live next to each parameter (device=None) or in host memory "
@@ -258,7 +261,7 @@ class EMAState:
             ema = torch.empty(live.shape, dtype=dtype, device=device)
             ema.copy_(live)
         staging = None
-        if device != live.device and mode == "average" and live.device.type != "cpu" and device.type == "cpu":
+        if device != live.device:  # (only a host EMA of a device tensor gets here)
             staging = torch.empty(
                 live.shape, dtype=live.dtype, device="cpu", pin_memory=torch.cuda.is_available()
             )
@@ -272,6 +275,7 @@ class EMAState:
         self._avg_groups = _AveragingGroups(inline)
         self._offload_groups = _AveragingGroups([(e.ema, e.staging) for e in self._offload])
         self._offload_copy = ([e.staging for e in self._offload], [e.live for e in self._offload])
+        self._offload_event = torch.cuda.Event() if self._offload else None
         copy: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for e in self._entries:
             if e.mode == "copy":
@@ -374,10 +378,8 @@ class EMAState:
             torch._foreach_copy_(ema, live)
         if self._offload:
             torch._foreach_copy_(*self._offload_copy, non_blocking=True)
-            event = torch.cuda.Event() if torch.cuda.is_available() else None
-            if event is not None:
-                event.record()
-            self._pending_offload = (weight, event)
+            self._offload_event.record()
+            self._pending_offload = (weight, self._offload_event)
 
     def _flush_offload(self) -> None:
         """Finish a pending CPU-offloaded update: wait for its device-to-host copies, then average on the host."""
@@ -398,7 +400,7 @@ class EMAState:
     # ------------------------------------------------------------------ swap / copy
     def _current_ema(self, e: _Entry) -> torch.Tensor:
         """Where the EMA value of ``e`` lives right now (the model holds it while swapped by XOR)."""
-        if self._swapped and any(x is e for x in self._xor_swapped):
+        if self._swapped and id(e) in self._xor_ids:
             return e.live
         return e.ema
 
@@ -420,13 +422,14 @@ class EMAState:
                 else:
                     self._backups.append((e, e.live.clone()))
                     e.live.copy_(e.ema)
+            self._xor_ids = {id(e) for e in self._xor_swapped}
             self._swapped = True
         else:
             for e in self._xor_swapped:
                 _xor_swap(e.ema, e.live)
             for e, backup in self._backups:
                 e.live.copy_(backup)
-            self._xor_swapped, self._backups = [], []
+            self._xor_swapped, self._backups, self._xor_ids = [], [], set()
             self._swapped = False
 
     @contextlib.contextmanager
@@ -460,7 +463,7 @@ class EMAState:
             if self._swapped:  # the model already holds the EMA: keep it there, forget the training weights
                 for e in self._xor_swapped:
                     e.ema.copy_(e.live)
-                self._xor_swapped, self._backups, self._swapped = [], [], False
+                self._xor_swapped, self._backups, self._xor_ids, self._swapped = [], [], set(), False
                 return
             for e in self._entries:
                 e.live.copy_(e.ema)
@@ -603,17 +606,18 @@ class EMAState:
         self.wait()
         keep = dist_utils.is_main_process()
         out: dict[str, torch.Tensor] = {}
-        for e in self._entries:
-            t = dist_utils.full_tensor(e.source, self._current_ema(e))
-            if keep:
-                out[e.name] = t
+        pairs = [(e.name, e.source, self._current_ema(e)) for e in self._entries]
         if not self.trainable_only and self.buffers == "ignore":
-            for name, b in _persistent_buffers(self.model):
-                if name in self._by_name:
-                    continue
-                t = dist_utils.full_tensor(b, dist_utils.local_tensor(b))
-                if keep:
-                    out[name] = t
+            pairs += [
+                (name, b, dist_utils.local_tensor(b))
+                for name, b in _persistent_buffers(self.model)
+                if name not in self._by_name
+            ]
+        for name, source, local in pairs:
+            if keep:
+                out[name] = dist_utils.full_tensor(source, local)
+            elif dist_utils.is_sharded(source):  # take part in the gather; the result is the main process's
+                dist_utils.full_tensor(source, local, to_cpu=False)
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
