@@ -43,3 +43,13 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> N
     assert sorted(got) == sorted(want)
     for name, w in want.items():
         np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def assert_shards_stack_to(gathered: dict[str, torch.Tensor], out: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Each rank's local tensors (``<prefix>0/1.safetensors`` in ``out``) are its own rows of ``gathered``
+    (FSDP2 ``Shard(0)``, rank 0 first). Returns rank 0's tensors for further checks."""
+    l0 = load_file(str(out / f"{prefix}0.safetensors"))
+    l1 = load_file(str(out / f"{prefix}1.safetensors"))
+    for name, g in gathered.items():
+        assert torch.equal(torch.cat([l0[name], l1[name]]), g), name
+    return l0

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._torchrun import assert_close, load_history, run_torchrun
+from tests._torchrun import assert_close, assert_shards_stack_to, load_history, run_torchrun
 from tests.callback_sharded_worker import DECAY, DECAY_TYPE, EVAL_STEP, MAX_STEPS, SAVE_STEP
 from tests.reference import decays_for, reference_ema, tiny_bert, to_numpy
 
@@ -62,12 +62,8 @@ def test_ema_is_kept_per_shard(run):
         assert info[rank]["ema_bytes"] <= 0.55 * full_bytes, (rank, info[rank]["ema_bytes"], full_bytes)
     assert info[0]["ema_bytes"] + info[1]["ema_bytes"] == full_bytes
     # each rank's EMA is its own rows of the gathered EMA (Shard(0), rank 0 first)
-    gathered = load_file(str(out / "final_ema.safetensors"))
-    l0 = load_file(str(out / "local_ema_rank0.safetensors"))
-    l1 = load_file(str(out / "local_ema_rank1.safetensors"))
+    l0 = assert_shards_stack_to(load_file(str(out / "final_ema.safetensors")), out, "local_ema_rank")
     assert l0["bert.embeddings.word_embeddings.weight"].shape == (20, 16)
-    for name, g in gathered.items():
-        assert torch.equal(torch.cat([l0[name], l1[name]]), g), name
 
 
 def test_gathered_ema_equals_reference_of_gathered_parameters(run):
@@ -130,10 +126,7 @@ def test_resume_restores_the_sharded_ema(run):
     for name in final:
         torch.testing.assert_close(resumed[name], final[name], rtol=0, atol=1e-7, msg=name)
     assert_close(resumed, _expected(out, MAX_STEPS))
-    l0 = load_file(str(out / "resumed_local_rank0.safetensors"))
-    l1 = load_file(str(out / "resumed_local_rank1.safetensors"))
-    for name, g in resumed.items():
-        assert torch.equal(torch.cat([l0[name], l1[name]]), g), name
+    assert_shards_stack_to(resumed, out, "resumed_local_rank")
 
 
 def test_model_holds_the_ema_at_train_end(run):

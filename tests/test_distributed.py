@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_ema import EMAState
-from tests._torchrun import assert_close, load_history, run_torchrun
+from tests._torchrun import assert_close, assert_shards_stack_to, load_history, run_torchrun
 from tests.dist_worker import DECAY, DECAY_TYPE, K, make_model
 from tests.reference import decays_for, record, reference_ema
 
@@ -102,11 +102,7 @@ def test_fsdp2_ema_is_per_shard_about_half_the_bytes(ddp_fsdp):
         assert info[rank]["ema_bytes"] <= 0.55 * full, (rank, info[rank]["ema_bytes"], full)
     assert info[0]["ema_bytes"] + info[1]["ema_bytes"] == full
     # the local EMA of each rank is its own rows of the gathered EMA (Shard(0): rank 0 first)
-    gathered = load_file(str(out / "fsdp_gathered_ema.safetensors"))
-    l0 = load_file(str(out / "fsdp_local_ema_rank0.safetensors"))
-    l1 = load_file(str(out / "fsdp_local_ema_rank1.safetensors"))
-    for name, g in gathered.items():
-        assert torch.equal(torch.cat([l0[name], l1[name]]), g), name
+    assert_shards_stack_to(load_file(str(out / "fsdp_gathered_ema.safetensors")), out, "fsdp_local_ema_rank")
 
 
 def test_fsdp2_update_issues_no_collective(ddp_fsdp):
