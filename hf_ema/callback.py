@@ -329,8 +329,7 @@ class EMATrainerCallback(TrainerCallback):
             where,
         )
         # Keep the schedule aligned with the optimizer steps already taken.
-        self.ema.step = step
-        self.ema.num_updates = step // self.ema.update_every
+        self.ema.skip_to(step)
 
     # ------------------------------------------------------------------ per step
     def on_step_begin(

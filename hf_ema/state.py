@@ -371,6 +371,21 @@ class EMAState:
             self.num_updates += 1
         return d
 
+    def skip_to(self, step: int) -> None:
+        """Count ``step`` optimizer steps as already taken, without averaging (e.g. resuming from a checkpoint
+        that has no saved EMA), so the schedule continues at the right step.
+
+        Example:
+            >>> ema = EMAState(nn.Linear(2, 2), decay=0.5, decay_type="threshold", update_every=2)
+            >>> ema.skip_to(10); ema.step, ema.num_updates
+            (10, 5)
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"`step` must be an integer >= 0, got {step!r}")
+        step = int(step)
+        self.step = step
+        self.num_updates = step // self.update_every
+
     def _apply(self, weight: float) -> None:
         self._flush_offload()
         self._avg_groups.lerp_(weight)

@@ -671,3 +671,16 @@ def test_device_argument_matches_the_parameters_device_by_type_and_index():
     # device="cpu" for CPU parameters is no offload: the EMA lives beside them, no staging copy
     ema = EMAState(tiny_mlp(), decay=0.9, device="cpu")
     assert not ema._offload
+
+
+def test_skip_to_continues_the_schedule_without_averaging():
+    model = tiny_mlp()
+    ema = EMAState(model, decay=0.999, decay_type="threshold", update_every=2)
+    before = {k: v.clone() for k, v in ema.ema_state_dict().items()}
+    ema.skip_to(10)
+    assert (ema.step, ema.num_updates) == (10, 5)
+    assert all(torch.equal(ema.ema_state_dict()[k], v) for k, v in before.items())  # nothing averaged
+    assert ema.update() == threshold_decay(0.999, 10)  # the schedule goes on at step 10
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="step"):
+            ema.skip_to(bad)
