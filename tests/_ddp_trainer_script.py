@@ -18,6 +18,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from hf_ema import EMATrainerCallback  # noqa: E402
+from tests._torchrun import exit_worker  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -62,3 +63,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_worker()

@@ -38,6 +38,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import hf_ema.state as ema_state_module
 from hf_ema import EMATrainerCallback
+from tests._torchrun import exit_worker
 from tests.reference import tiny_bert
 
 torch.set_num_threads(1)
@@ -220,9 +221,8 @@ def main(out: Path) -> None:
         save_tensors(out / "resumed_final.safetensors", resumed_final)
     info["resumed_final_step"] = cb_r.ema.step
     (out / f"info_rank{rank}.json").write_text(json.dumps(info, indent=1))
-    dist.barrier()
-    # no destroy_process_group(): with gloo it can race with the other rank's exit and abort a finished run
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_worker()

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_ema import EMAState
+from tests._torchrun import exit_worker
 
 torch.set_num_threads(1)
 
@@ -317,9 +318,8 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     (out / f"{mode}_info_rank{rank}.json").write_text(json.dumps(info, indent=1))
-    dist.barrier()
-    # no destroy_process_group(): with gloo it can race with the other rank's exit and abort a finished run
 
 
 if __name__ == "__main__":
     main()
+    exit_worker()
