@@ -35,8 +35,10 @@ Why these hooks (checked against ``transformers`` 5.24; the same order holds in 
 * ``on_train_end`` fires after ``load_best_model_at_end`` loaded the best checkpoint's regular weights, so the best
   checkpoint's ``ema_net`` is loaded there (the metric that chose it was measured on the EMA), then copied into the
   model when ``replace_at_end``.
-* ``on_log`` adds ``ema_decay`` to the training logs (and to ``state.log_history``). Reporting callbacks that come
-  before this one in the Trainer's callback list (e.g. TensorBoard, W&B) have already received the log by then.
+* ``ema_decay`` goes into the training logs (and ``state.log_history``) in ``on_log``. The Trainer puts its reporting
+  integrations (TensorBoard, W&B, MLflow, ...) before user callbacks, and they send the log in their own ``on_log``;
+  so ``on_train_begin`` puts a small log-only callback at the head of the Trainer's list (a new list: the handler
+  is iterating the old one), and ``on_train_end`` takes it out again. The order of every other event is unchanged.
 """
 
 from __future__ import annotations
@@ -104,6 +106,29 @@ def _checkpoint_step(path: str) -> int | None:
             return int(json.load(f)["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+class _EMADecayLog(TrainerCallback):
+    """Adds its owner's ``ema_decay`` to each training log; it sits first in the Trainer's callback list, so the
+    reporting integrations, which come before user callbacks, send the decay too."""
+
+    def __init__(self, owner: EMATrainerCallback) -> None:
+        self._owner = weakref.ref(owner)
+
+    def owned_by(self, owner: EMATrainerCallback) -> bool:
+        return self._owner() is owner
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner._add_decay_to_logs(state, logs)
 
 
 class EMATrainerCallback(TrainerCallback):
@@ -297,10 +322,21 @@ class EMATrainerCallback(TrainerCallback):
         if total is None and state.max_steps and state.max_steps > 0:
             total = int(state.max_steps)
         self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total})
+        self._set_log_hook(installed=True)
         if state.global_step > 0:
             self._restore_for_resume(args, state, resume)
         if getattr(args, "eval_on_start", False):
             self._swap_in_for_eval()
+
+    def _set_log_hook(self, installed: bool) -> None:
+        """Put the ``ema_decay`` log hook at the head of the Trainer's callback list, or take it out."""
+        handler = getattr(self.trainer, "callback_handler", None)
+        callbacks = getattr(handler, "callbacks", None)
+        if not isinstance(callbacks, list):
+            return  # no Trainer found: on_log below still adds the decay, for the callbacks after this one
+        others = [c for c in callbacks if not (isinstance(c, _EMADecayLog) and c.owned_by(self))]
+        # Assign a new list: the handler is iterating over the current one while it calls this event.
+        handler.callbacks = [_EMADecayLog(self), *others] if installed else others
 
     def _restore_for_resume(self, args: TrainingArguments, state: TrainerState, resume: str | None) -> None:
         assert self.ema is not None
@@ -368,6 +404,11 @@ class EMATrainerCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        self._add_decay_to_logs(state, logs)
+
+    def _add_decay_to_logs(self, state: TrainerState, logs: dict[str, float] | None) -> None:
+        """Add the decay of the last update to a training log (one with ``loss``) and to its ``log_history``
+        entry; idempotent, as both this callback and its log hook call it."""
         if self.ema is None or self.ema.last_decay is None or not logs or "loss" not in logs:
             return
         logs["ema_decay"] = self.ema.last_decay
@@ -469,6 +510,7 @@ class EMATrainerCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._set_log_hook(installed=False)
         if self.ema is None:
             return
         self._ensure_training_weights("the end of training")

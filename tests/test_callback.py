@@ -96,6 +96,38 @@ def test_ema_equals_reference_for_each_schedule(tmp_path, decay_type, kw):
     assert all(torch.equal(final[n], t) for n, t in state.items())
 
 
+class LogSpy(TrainerCallback):
+    """Stands in for a reporting integration (TensorBoard, W&B...): the Trainer lists those before user callbacks."""
+
+    def __init__(self):
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**(logs or {}), "at_step": state.global_step})
+
+
+def test_ema_decay_reaches_reporting_callbacks_listed_before_it(tmp_path):
+    model = TinyNet()
+    spy = LogSpy()
+    cb = EMATrainerCallback(decay=0.8, decay_type="threshold")
+    trainer, _ = run(tmp_path, model, cb, before=[spy], max_steps=6, logging_steps=2)
+    sent = {log["at_step"]: log for log in spy.logs if "loss" in log}
+    assert sorted(sent) == [2, 4, 6]
+    assert [sent[s]["ema_decay"] for s in (2, 4, 6)] == pytest.approx(
+        [decays_for("threshold", 0.8, 6)[s - 1] for s in (2, 4, 6)], rel=1e-12
+    )
+    # The log hook leaves with the training run: the callback list is the user's again, and a second train()
+    # installs exactly one hook.
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert "_EMADecayLog" not in names and names.count("EMATrainerCallback") == 1
+    spy.logs.clear()
+    trainer.args.max_steps = 8
+    trainer.train()
+    assert [log["ema_decay"] for log in spy.logs if "loss" in log] == pytest.approx(
+        [decays_for("threshold", 0.8, 8)[s - 1] for s in (2, 4, 6, 8)], rel=1e-12
+    )
+
+
 def test_replace_at_end_false_keeps_training_weights(tmp_path):
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.8, replace_at_end=False)
