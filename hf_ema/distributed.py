@@ -13,7 +13,9 @@ Averaging local tensors needs no communication; only saving a full ``ema_net`` g
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ __all__ = [
     "is_sharded",
     "is_zero3_param",
     "local_tensor",
+    "read_local",
     "shard_like",
     "unwrap_model",
 ]
@@ -219,11 +222,64 @@ def full_tensor(source: torch.Tensor, local: torch.Tensor, to_cpu: bool = True) 
     return local.detach().cpu() if to_cpu else local.detach()
 
 
+def read_local(
+    source: torch.Tensor, shape: Sequence[int], read: Callable[[tuple[slice, ...]], torch.Tensor]
+) -> torch.Tensor:
+    """This process's part of a full tensor that is read by region, laid out like ``local_tensor(source)``.
+
+    Only the part this process keeps is asked for: an FSDP2 shard reads its own block, a ZeRO-3 partition reads the
+    rows that hold its flat range (at most two partial rows more), an unsharded tensor reads everything. So loading
+    a full ``ema_net`` costs each rank about its shard in host memory, and a file written with any number of
+    processes loads into any other number.
+
+    Args:
+        source: The parameter or buffer as the model holds it (gives the sharding layout).
+        shape: The full tensor's shape (must be ``full_shape(source)``).
+        read: Returns the region ``index`` of the full tensor (one slice per leading dimension; ``()``: all of it),
+            e.g. :meth:`hf_ema.io.EMANetReader.read` or ``full.__getitem__``.
+
+    Returns:
+        A tensor shaped like ``local_tensor(source)``.
+
+    Raises:
+        ValueError: If ``shape`` is not the full shape of ``source``.
+
+    Example:
+        >>> full = torch.arange(4.0)
+        >>> read_local(torch.zeros(4), full.shape, full.__getitem__).tolist()
+        [0.0, 1.0, 2.0, 3.0]
+    """
+    if tuple(shape) != tuple(full_shape(source)):
+        raise ValueError(
+            f"read_local: the full tensor has shape {tuple(shape)}, expected {tuple(full_shape(source))}"
+        )
+    if is_dtensor(source):
+        compute_local_shape_and_global_offset = _dtensor_api()[1]
+        local_shape, offset = compute_local_shape_and_global_offset(
+            source.shape, source.device_mesh, source.placements
+        )
+        return read(tuple(slice(o, o + n) for o, n in zip(offset, local_shape, strict=True)))
+    if is_zero3_param(source):
+        _, _, rank, n = _zero3_layout(source)
+        numel = math.prod(shape)
+        start = min(rank * n, numel)
+        stop = min(start + n, numel)
+        if start == stop:
+            piece = torch.empty(0)
+        elif len(shape) == 0:
+            piece = read(()).reshape(-1)
+        else:
+            row = numel // shape[0]  # elements per leading-dimension row
+            first, last = start // row, -(-stop // row)
+            piece = read((slice(first, last),)).reshape(-1)[start - first * row : stop - first * row]
+        if piece.numel() < n:  # the last partition is zero-padded
+            piece = torch.cat([piece, piece.new_zeros(n - piece.numel())])
+        return piece
+    return read(())
+
+
 def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """Cut this process's part out of ``full``, laid out like ``local_tensor(source)`` (no communication).
-
-    Every rank holds (or reads) the full tensor and keeps its own piece, so a full ``ema_net`` written with any
-    number of processes loads into any other number.
 
     Args:
         source: The parameter or buffer as the model holds it (gives the sharding layout).
@@ -236,26 +292,7 @@ def shard_like(source: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         >>> shard_like(torch.zeros(2), torch.ones(2)).tolist()
         [1.0, 1.0]
     """
-    if tuple(full.shape) != tuple(full_shape(source)):
-        raise ValueError(
-            f"shard_like: `full` has shape {tuple(full.shape)}, expected {tuple(full_shape(source))}"
-        )
-    if is_dtensor(source):
-        compute_local_shape_and_global_offset = _dtensor_api()[1]
-        shape, offset = compute_local_shape_and_global_offset(
-            source.shape, source.device_mesh, source.placements
-        )
-        index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-        return full[index]
-    if is_zero3_param(source):
-        _, _, rank, n = _zero3_layout(source)
-        flat = full.reshape(-1)
-        start = min(rank * n, flat.numel())
-        piece = flat[start : start + n]
-        if piece.numel() < n:  # the last partition is zero-padded
-            piece = torch.cat([piece, piece.new_zeros(n - piece.numel())])
-        return piece
-    return full
+    return read_local(source, full.shape, full.__getitem__)
 
 
 def barrier() -> None:

@@ -30,10 +30,12 @@ __all__ = [
     "STATE_NAME",
     "WEIGHTS_NAME",
     "EMAFileError",
+    "EMANetReader",
     "atomic_write_text",
     "find_ema_dir",
     "load_ema_meta",
     "load_ema_net",
+    "open_ema_net",
     "save_ema_net",
 ]
 
@@ -217,6 +219,84 @@ def load_ema_meta(path: str | os.PathLike) -> dict:
     return _read_meta(_checked_ema_dir(path))
 
 
+class EMANetReader:
+    """An open ``ema_net`` folder whose tensors are read on demand, whole or by region, without unpickling.
+
+    The safetensors header is read and checked when the reader opens; tensor data is read only by :meth:`read`, and a
+    region reads just its own bytes (a rank of a sharded model reads its rows, not the whole model).
+
+    Attributes:
+        path: The ``ema_net`` folder.
+        meta: The JSON state (step, schedule, options).
+        shapes: Full shape of every saved tensor, by state-dict name.
+
+    Example:
+        >>> import tempfile
+        >>> d = save_ema_net(tempfile.mkdtemp(), {"w": torch.arange(6.0).reshape(3, 2)}, {"step": 1})
+        >>> with open_ema_net(d) as r:
+        ...     r.shapes["w"], r.read("w", (slice(1, 2),)).tolist()
+        ((3, 2), [[2.0, 3.0]])
+    """
+
+    def __init__(self, path: Path, meta: dict, handle: Any) -> None:
+        self.path = path
+        self.meta = meta
+        self._handle = handle
+        self.shapes: dict[str, tuple[int, ...]] = {
+            name: tuple(handle.get_slice(name).get_shape())
+            for name in handle.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+        }
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        """The tensor ``name``, or only its region ``index`` (one slice per leading dimension), on the CPU."""
+        from safetensors import SafetensorError
+
+        try:
+            if not index:
+                return self._handle.get_tensor(name)
+            return self._handle.get_slice(name)[index]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            weights = self.path / WEIGHTS_NAME
+            raise EMAFileError(
+                f"Corrupt EMA weights file {str(weights)!r}: cannot read {name!r} ({e})"
+            ) from e
+
+    def close(self) -> None:
+        """Release the file (also done on leaving a ``with`` block)."""
+        self._handle = None
+
+    def __enter__(self) -> EMANetReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_ema_net(path: str | os.PathLike) -> EMANetReader:
+    """Open an ``ema_net`` folder for reading: the JSON state and the safetensors header, no tensor data yet.
+
+    Args:
+        path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself (see :func:`find_ema_dir`
+            for the recovery of an interrupted save).
+
+    Raises:
+        EMAFileError: If the folder or a file is missing, or a file is not valid safetensors / JSON. The message
+            names the path.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    d = _checked_ema_dir(path)
+    meta = _read_meta(d)
+    weights = d / WEIGHTS_NAME
+    try:
+        handle = safe_open(str(weights), framework="pt", device="cpu")
+        return EMANetReader(d, meta, handle)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EMAFileError(
+            f"Corrupt EMA weights file {str(weights)!r}: not a valid safetensors file ({e})"
+        ) from e
+
+
 def load_ema_net(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -240,16 +320,6 @@ def load_ema_net(
         >>> tensors, meta = load_ema_net(d.parent); meta["step"], tensors["w"].tolist()
         (3, [1.0, 1.0])
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    d = _checked_ema_dir(path)
-    meta = _read_meta(d)
-    weights = d / WEIGHTS_NAME
-    try:
-        tensors = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise EMAFileError(
-            f"Corrupt EMA weights file {str(weights)!r}: not a valid safetensors file ({e})"
-        ) from e
-    return tensors, meta
+    with open_ema_net(path) as reader:
+        tensors = {name: reader.read(name).to(device) for name in reader.shapes}
+        return tensors, reader.meta

@@ -13,6 +13,7 @@ Raising the decay to the N-th power keeps the averaging horizon, measured in opt
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import numbers
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .io import EMAFileError, load_ema_meta, load_ema_net, save_ema_net
+from .io import EMAFileError, load_ema_meta, open_ema_net, save_ema_net
 from .schedules import IDecayFunction, build_schedule
 
 __all__ = ["EMAState"]
@@ -533,17 +534,17 @@ class EMAState:
         """
         if not isinstance(state_dict, Mapping) or "ema" not in state_dict or "meta" not in state_dict:
             raise ValueError("EMAState.load_state_dict expects a mapping with 'ema' and 'meta' keys")
-        self._load(state_dict["ema"], state_dict["meta"], strict=strict, full=False)
+        self._load(state_dict["ema"], state_dict["meta"], strict=strict)
 
-    def _check_names_shapes(self, tensors: Mapping[str, torch.Tensor], full: bool, strict: bool) -> None:
+    def _check_names_shapes(self, shapes: Mapping[str, tuple[int, ...]], full: bool, strict: bool) -> None:
         names = set(self._names)
-        missing = sorted(names - set(tensors)) if strict else []
-        unexpected = sorted(set(tensors) - names)
+        missing = sorted(names - set(shapes)) if strict else []
+        unexpected = sorted(set(shapes) - names)
         wrong = []
         for e in self._entries:
-            if e.name in tensors:
+            if e.name in shapes:
                 want = tuple(dist_utils.full_shape(e.source)) if full else tuple(e.ema.shape)
-                got = tuple(tensors[e.name].shape)
+                got = tuple(shapes[e.name])
                 if want != got:
                     wrong.append(f"{e.name}: saved {got} vs model {want}")
         if missing or unexpected or wrong:
@@ -556,21 +557,16 @@ class EMAState:
                 parts.append(f"shape mismatch ({len(wrong)}): {wrong}")
             raise ValueError("The saved EMA does not match the model: " + "; ".join(parts))
 
-    def _load(
-        self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], strict: bool, full: bool
-    ) -> None:
+    def _load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], strict: bool) -> None:
+        """Check this process's EMA tensors and the settings completely, then apply them."""
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
         self.wait()
-        self._check_names_shapes(tensors, full=full, strict=strict)
+        self._check_names_shapes({k: tuple(v.shape) for k, v in tensors.items()}, full=False, strict=strict)
         self._load_meta(meta)
         for e in self._entries:
-            if e.name not in tensors:
-                continue
-            t = tensors[e.name]
-            if full:
-                t = dist_utils.shard_like(e.source, t)
-            e.ema.copy_(t)
+            if e.name in tensors:
+                e.ema.copy_(tensors[e.name])
 
     def _load_meta(self, meta: Mapping[str, Any]) -> None:
         """Validate the saved settings completely, then apply them (a refused load changes nothing)."""
@@ -653,11 +649,24 @@ class EMAState:
         return path
 
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
-        tensors, meta = load_ema_net(directory)
-        try:
-            self._load(tensors, meta, strict=True, full=True)
-        except ValueError as e:
-            raise EMAFileError(f"Cannot load the EMA from {str(directory)!r}: {e}") from e
+        if self._swapped:
+            raise RuntimeError("Cannot load an EMA state inside average_parameters()")
+        with open_ema_net(directory) as reader:
+            try:
+                # Names and full shapes from the file's header first; then each rank reads only its own part
+                # (its FSDP2 shard / ZeRO-3 partition rows), so no rank holds the whole model's EMA in memory.
+                self._check_names_shapes(reader.shapes, full=True, strict=True)
+                local = {
+                    e.name: dist_utils.read_local(
+                        e.source, reader.shapes[e.name], functools.partial(reader.read, e.name)
+                    )
+                    for e in self._entries
+                }
+                self._load(local, reader.meta, strict=True)
+            except EMAFileError:
+                raise
+            except ValueError as e:
+                raise EMAFileError(f"Cannot load the EMA from {str(directory)!r}: {e}") from e
         return self
 
     @classmethod

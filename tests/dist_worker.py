@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+import hf_ema.io
 from hf_ema import EMAState
 from tests._torchrun import exit_worker
 
@@ -45,6 +46,27 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))
+
+
+class ReadCounter:
+    """Counts the elements read from ``ema_net`` files inside the block (every read goes through EMANetReader)."""
+
+    def __init__(self) -> None:
+        self.numel = 0
+
+    def __enter__(self) -> ReadCounter:
+        self._orig = hf_ema.io.EMANetReader.read
+
+        def counting(reader, name, index=()):
+            t = self._orig(reader, name, index)
+            self.numel += t.numel()
+            return t
+
+        hf_ema.io.EMANetReader.read = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hf_ema.io.EMANetReader.read = self._orig
 
 
 class CollectiveCounter:
@@ -232,7 +254,10 @@ def run_fsdp(out: Path, rank: int, in_ckpt: Path | None) -> dict:
     if in_ckpt is not None:
         m_d = sharded(7)
         ema_d = EMAState(m_d, decay=DECAY, decay_type=DECAY_TYPE)
-        ema_d.load(in_ckpt)
+        with ReadCounter() as reads:
+            ema_d.load(in_ckpt)
+        info["cross_read_numel"] = reads.numel
+        info["cross_local_numel"] = sum(t.numel() for t in ema_d.state_dict()["ema"].values())
         info["cross_loaded_step"] = ema_d.step
         save_tensors(out / f"cross_local_rank{rank}.safetensors", ema_d.state_dict()["ema"])
         g = ema_d.ema_state_dict()
@@ -283,7 +308,10 @@ def run_zero3(out: Path, rank: int) -> dict:
     dist.barrier()
     # load the full ema_net back into the partitions of a fresh EMA (scatter) and compare with the live one
     ema2 = EMAState(engine, decay=DECAY, decay_type=DECAY_TYPE)
-    ema2.load(out / "zero3_ckpt")
+    with ReadCounter() as reads:
+        ema2.load(out / "zero3_ckpt")
+    info["reload_read_numel"] = reads.numel
+    info["reload_local_numel"] = sum(t.numel() for t in ema2.state_dict()["ema"].values())
     a, b = ema.state_dict()["ema"], ema2.state_dict()["ema"]
     # compare the real elements of each partition; the tail of the last one is padding with no meaning
     sizes = {n: p.ds_numel for n, p in engine.module.named_parameters()}

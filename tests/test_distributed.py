@@ -149,6 +149,11 @@ def test_cross_world_size_one_rank_saves_two_ranks_load(ddp_fsdp, single_process
     l1 = load_file(str(out / "cross_local_rank1.safetensors"))
     assert l0["2.weight"].shape == (4, 32) and l1["2.weight"].shape == (3, 32)  # uneven shards
     assert_close({n: torch.cat([l0[n], l1[n]]) for n in l0}, expected)
+    # each rank read only its own shard from the file, not the whole model
+    total = sum(v.size for v in expected.values())
+    for r in (0, 1):
+        assert info[r]["cross_read_numel"] == info[r]["cross_local_numel"] < 0.6 * total, info[r]
+    assert info[0]["cross_local_numel"] + info[1]["cross_local_numel"] == total
 
 
 def test_fsdp1_is_refused_with_a_clear_message(ddp_fsdp):
@@ -170,8 +175,44 @@ def test_zero3_partition_ema_gather_and_scatter(tmp_path):
         assert info[rank]["ema_bytes"] <= 0.55 * full, (rank, info[rank]["ema_bytes"], full)
         assert info[rank]["reload_equal"] is True and info[rank]["reload_step"] == 2 * K
         assert info[rank]["reload_gathered_equal"] is True
+        # the reload read only the rows holding this rank's partition (here 243-244 of the 455 elements)
+        assert 0 < info[rank]["reload_read_numel"] <= 0.6 * full / 4, info[rank]
     gathered = load_file(str(tmp_path / "zero3_gathered_ema.safetensors"))
     assert_close(gathered, _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))
     # the folder written under ZeRO-3 is the plain model's: it loads into an unsharded model
     ema = EMAState.load(tmp_path / "zero3_ckpt", make_model(seed=3))
     assert_close(ema.state_dict()["ema"], _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))
+
+
+# ------------------------------------------------------------------------------ reading a rank's part (1 process)
+class _FakeZero3Param(torch.Tensor):
+    """Carries the attributes that mark a DeepSpeed ZeRO-3 parameter (its data is irrelevant here)."""
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (4, 1), (2, 3, 4), (0, 3)])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_read_local_zero3_reads_its_flat_range_from_few_rows(monkeypatch, shape, world):
+    import math
+
+    import hf_ema.distributed as du
+
+    numel = math.prod(shape)
+    n = max(1, -(-numel // world))  # DeepSpeed's partition size: ceil(numel / world), last partition padded
+    full = torch.arange(numel, dtype=torch.float32).reshape(shape) + 1.0
+    flat = np.concatenate([full.reshape(-1).numpy(), np.zeros(n * world - numel, np.float32)])  # padded
+    row = numel // shape[0] if shape and shape[0] else max(numel, 1)
+    for rank in range(world):
+        source = torch.empty(0).as_subclass(_FakeZero3Param)
+        source.ds_tensor, source.ds_id, source.ds_shape = torch.empty(n), 0, shape
+        monkeypatch.setattr(du, "_zero3_layout", lambda s, rank=rank: (None, world, rank, n))
+        reads: list[int] = []
+
+        def read(index, reads=reads):
+            reads.append(full[index].numel())
+            return full[index].clone()
+
+        got = du.read_local(source, shape, read)
+        np.testing.assert_array_equal(got.numpy(), flat[rank * n : (rank + 1) * n], err_msg=f"rank {rank}")
+        assert sum(reads) <= min(n, numel) + 2 * row, (rank, reads)  # its range plus at most two partial rows
+    with pytest.raises(ValueError, match="full tensor has shape"):
+        du.read_local(source, (*shape, 2), read)
