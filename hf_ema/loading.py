@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .io import CONFIG_NAME, EMA_DIRNAME, WEIGHTS_NAME, find_ema_dir, load_ema_net
+from .io import CONFIG_NAME, EMA_DIRNAME, WEIGHTS_NAME, find_ema_dir, load_ema_net, open_ema_net
 
 __all__ = ["has_ema", "load_model"]
 
@@ -65,8 +65,10 @@ def load_model(
             f"`model_class` must have a `from_pretrained` method or be an nn.Module instance, got {model_class!r}"
         )
     if use_ema:
-        tensors, meta = load_ema_net(ema_dir)  # also validates the weights before from_pretrained reads them
-        complete = (ema_dir / CONFIG_NAME).is_file() and not meta.get("trainable_only", False)
+        with open_ema_net(ema_dir) as reader:  # checks the JSON and the weights' header before from_pretrained
+            meta = reader.meta
+            complete = (ema_dir / CONFIG_NAME).is_file() and not meta.get("trainable_only", False)
+            tensors = {} if complete else {name: reader.read(name) for name in reader.shapes}
         if complete:
             logger.info("Loading EMA weights from %s", ema_dir)
             return model_class.from_pretrained(str(ema_dir), **from_pretrained_kwargs)
