@@ -32,6 +32,11 @@ Why these hooks (checked against ``transformers`` 5.24; the same order holds in 
   folder, rename or rotation after it; rotation runs inside ``_save_checkpoint`` and always keeps the newest
   checkpoint), so ``ema_net/`` is written into that folder, by the main process; ``save_total_limit`` rotation
   later removes it with its folder.
+* With ``push_to_hub``, ``_save_checkpoint`` uploads the new checkpoint before ``on_save`` fires, and calls
+  ``on_push_begin`` (main process only) just before: ``ema_net/`` is written there, so the pushed checkpoint
+  (``last-checkpoint`` with ``hub_strategy="checkpoint"``, the one training resumes from) carries the EMA, and
+  ``on_save`` does not write it again. A sharded EMA needs every rank to gather it, so with FSDP2/ZeRO-3 it is left
+  to ``on_save`` and the pushed checkpoint has none (a warning says so).
 * ``on_train_end`` fires after ``load_best_model_at_end`` loaded the best checkpoint's regular weights, so the best
   checkpoint's ``ema_net`` is loaded there (the metric that chose it was measured on the EMA), then copied into the
   model when ``replace_at_end``.
@@ -56,7 +61,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .io import EMA_DIRNAME
+from .io import EMA_DIRNAME, EMAFileError, load_ema_meta
 from .loading import has_ema
 from .schedules import IDecayFunction
 from .state import EMAState
@@ -245,6 +250,8 @@ class EMATrainerCallback(TrainerCallback):
         self._evals_pending = 0
         self._in_raw_eval = False
         self._warned_no_trainer = False
+        self._warned_push = False
+        self._saved_at_step: int | None = None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -483,10 +490,43 @@ class EMATrainerCallback(TrainerCallback):
         ]
         return max(found, key=os.path.getmtime) if found else None
 
+    def on_push_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # With `push_to_hub`, the Trainer uploads each checkpoint from inside `_save_checkpoint`, after writing it
+        # and before `on_save`: write `ema_net` now, so the pushed checkpoint (e.g. `last-checkpoint`, which
+        # training resumes from) carries the EMA. Only the main process gets this event.
+        if self.ema is None or self._evals_pending:
+            return
+        path = self._checkpoint_dir(args, state)
+        if path is None or self._holds_current_ema(path):
+            return  # not a checkpoint push (e.g. `trainer.push_to_hub()` after training), or written already
+        if self.ema.is_sharded:  # gathering needs every rank: left to on_save
+            if not self._warned_push:
+                logger.warning(
+                    "EMATrainerCallback: checkpoints pushed to the Hub carry no `%s` with a sharded model (gathering "
+                    "it needs every process; the Trainer pushes from the main one); local checkpoints have it.",
+                    EMA_DIRNAME,
+                )
+                self._warned_push = True
+            return
+        self.ema.save(path)
+        self._saved_at_step = state.global_step
+
+    def _holds_current_ema(self, path: str) -> bool:
+        assert self.ema is not None
+        try:
+            return has_ema(path) and int(load_ema_meta(path).get("step", -1)) == self.ema.step
+        except (EMAFileError, TypeError, ValueError):
+            return False
+
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.ema is None:
+            return
+        if self._saved_at_step == state.global_step:  # written by on_push_begin (main process, unsharded EMA)
+            self._saved_at_step = None
             return
         if self._evals_pending:
             logger.warning(

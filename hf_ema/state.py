@@ -318,6 +318,12 @@ class EMAState:
         """State-dict names of the tracked tensors, in model order."""
         return list(self._names)
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether some tracked tensor is split across processes (FSDP2, ZeRO-3): :meth:`save` and
+        :meth:`ema_state_dict` then gather, which every rank must join."""
+        return any(dist_utils.is_sharded(e.source) for e in self._entries)
+
     def num_bytes(self) -> int:
         """Bytes held by this process's EMA tensors (its shards only, on sharded models)."""
         return sum(e.ema.numel() * e.ema.element_size() for e in self._entries)

@@ -384,6 +384,60 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------------------------- best model
+def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
+    """With ``push_to_hub`` the Trainer uploads each checkpoint before ``on_save``: the upload must hold ema_net."""
+    import concurrent.futures
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import transformers.trainer as trainer_module
+
+    if not hasattr(trainer_module, "hf_api"):
+        pytest.skip("this transformers version pushes through other functions (no offline stand-in here)")
+    uploads = []
+
+    class OfflineHub:  # records what each upload would send, when it is started
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+        def upload_folder(self, *, folder_path, path_in_repo=None, **kwargs):
+            folder = Path(folder_path)
+            ema = folder / "ema_net"
+            uploads.append(
+                {
+                    "to": path_in_repo,
+                    "ema_step": json.loads((ema / "ema_state.json").read_text())["step"] if ema.is_dir() else None,
+                    "ema": load_file(str(ema / "model.safetensors")) if ema.is_dir() else None,
+                    "inode": (ema / "model.safetensors").stat().st_ino if ema.is_dir() else None,
+                }
+            )
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda *a, **k: OfflineHub())
+    model = TinyNet()
+    cb = EMATrainerCallback(decay=0.8, decay_type="threshold")
+    _, rec = run(
+        tmp_path,
+        model,
+        cb,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        push_to_hub=True,
+        hub_strategy="checkpoint",
+        hub_model_id="ema-test",
+    )
+    pushed = [u for u in uploads if u["to"] == "last-checkpoint"]
+    assert [u["ema_step"] for u in pushed] == [3, 6]
+    for u, step in zip(pushed, (3, 6), strict=True):
+        assert_close_to(u["ema"], reference_ema(np_hist(rec.history[: step + 1]), decays_for("threshold", 0.8, step)))
+        # on_save did not write it a second time: the local checkpoint keeps the file that was uploaded
+        local = tmp_path / f"checkpoint-{step}" / "ema_net" / "model.safetensors"
+        assert local.stat().st_ino == u["inode"]
+
+
 @pytest.mark.parametrize("replace_at_end", [True, False])
 def test_load_best_model_at_end_ends_with_best_checkpoints_ema(tmp_path, replace_at_end):
     model = TinyNet()
