@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,7 +388,6 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, caplog):
 def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
     """With ``push_to_hub`` the Trainer uploads each checkpoint before ``on_save``: the upload must hold ema_net."""
     import concurrent.futures
-    from pathlib import Path
     from types import SimpleNamespace
 
     import transformers.trainer as trainer_module
@@ -588,36 +588,12 @@ def test_from_params_supergradients_dict():
 
 
 # ----------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_wrapped_model(tmp_path):
     """The Trainer wraps the model in DDP (2 CPU ranks, gloo): both ranks hold the same, correct EMA."""
-    import subprocess
-    import sys
+    from tests._torchrun import run_torchrun
 
-    script = os.path.join(os.path.dirname(__file__), "_ddp_trainer_script.py")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        script,
-        str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = Path(__file__).with_name("_ddp_trainer_script.py")
+    run_torchrun(script, str(tmp_path), timeout=180, label="DDP Trainer script")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     tensors = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
     for res in results:
