@@ -657,14 +657,18 @@ class EMAState:
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
+        # `ema_net` also holds the model's untracked persistent buffers (buffers="ignore"), so that it loads as a
+        # complete model; they are the model's own values, not EMA state, and are not read back.
+        untracked = {name for name, _ in _persistent_buffers(self.model)} - set(self._by_name)
         with open_ema_net(directory) as reader:
+            shapes = {k: v for k, v in reader.shapes.items() if k not in untracked}
             try:
                 # Names and full shapes from the file's header first; then each rank reads only its own part
                 # (its FSDP2 shard / ZeRO-3 partition rows), so no rank holds the whole model's EMA in memory.
-                self._check_names_shapes(reader.shapes, full=True, strict=True)
+                self._check_names_shapes(shapes, full=True, strict=True)
                 local = {
                     e.name: dist_utils.read_local(
-                        e.source, reader.shapes[e.name], functools.partial(reader.read, e.name)
+                        e.source, shapes[e.name], functools.partial(reader.read, e.name)
                     )
                     for e in self._entries
                 }

@@ -24,6 +24,7 @@ from reference import (
     tiny_bn_net,
     tiny_mlp,
 )
+from safetensors.torch import load_file
 
 from hf_ema import EMAState
 
@@ -228,6 +229,25 @@ def test_buffers_ignore():
     ema.copy_to()
     for n in FLOAT_BUFFERS:
         assert torch.equal(model.state_dict()[n], before[n])
+
+
+def test_buffers_ignore_save_then_load(tmp_path):
+    """ema_net holds the ignored buffers too (a complete model), and it loads back into an EMA that ignores them."""
+    model = tiny_bn_net()
+    ema = EMAState(model, decay=0.9, buffers="ignore")
+    _train_bn(model, ema)
+    ema.save(tmp_path)
+    saved = load_file(str(tmp_path / "ema_net" / "model.safetensors"))
+    assert set(FLOAT_BUFFERS) <= set(saved)
+    want = {k: v.clone() for k, v in ema.state_dict()["ema"].items()}
+    fresh = tiny_bn_net()
+    buffers_before = {n: fresh.state_dict()[n].clone() for n in FLOAT_BUFFERS}
+    for restored in (EMAState(fresh, decay=0.9, buffers="ignore").load(tmp_path), EMAState.load(tmp_path, fresh)):
+        assert restored.step == 25 and restored.names == ema.names
+        got = restored.state_dict()["ema"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        # the saved buffer values were not pushed into the fresh model either
+        assert all(torch.equal(fresh.state_dict()[n], buffers_before[n]) for n in FLOAT_BUFFERS)
 
 
 def test_buffers_swap_with_average_parameters():
