@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .io import EMA_DIRNAME, EMAFileError, load_ema_meta
+from .io import EMA_DIRNAME
 from .loading import has_ema
 from .schedules import IDecayFunction
 from .state import EMAState
@@ -252,6 +252,7 @@ class EMATrainerCallback(TrainerCallback):
         self._warned_no_trainer = False
         self._warned_push = False
         self._saved_at_step: int | None = None
+        self._training = False
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -329,9 +330,11 @@ class EMATrainerCallback(TrainerCallback):
         if total is None and state.max_steps and state.max_steps > 0:
             total = int(state.max_steps)
         self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total})
-        self._set_log_hook(installed=True)
+        self._saved_at_step = None
         if state.global_step > 0:
             self._restore_for_resume(args, state, resume)
+        self._set_log_hook(installed=True)
+        self._training = True
         if getattr(args, "eval_on_start", False):
             self._swap_in_for_eval()
 
@@ -480,11 +483,15 @@ class EMATrainerCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_dir(self, args: TrainingArguments, state: TrainerState) -> str | None:
+        """The folder the Trainer has just written for this step: ``output_dir/checkpoint-N``, or during a
+        hyper-parameter search ``output_dir/<run-name>/checkpoint-N`` (the newest such folder; a stale
+        ``output_dir/checkpoint-N`` of an earlier run is not taken for it)."""
         name = f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        path = os.path.join(args.output_dir, name)
-        if os.path.isdir(path):
-            return path
-        # Hyper-parameter search runs write to output_dir/<run-name>/checkpoint-N.
+        direct = os.path.join(args.output_dir, name)
+        trainer = self.trainer
+        searching = trainer is not None and getattr(trainer, "hp_search_backend", None) is not None
+        if not searching and (trainer is not None or os.path.isdir(direct)):
+            return direct if os.path.isdir(direct) else None
         found = [
             p for p in glob.glob(os.path.join(glob.escape(args.output_dir), "*", name)) if os.path.isdir(p)
         ]
@@ -495,12 +502,14 @@ class EMATrainerCallback(TrainerCallback):
     ) -> None:
         # With `push_to_hub`, the Trainer uploads each checkpoint from inside `_save_checkpoint`, after writing it
         # and before `on_save`: write `ema_net` now, so the pushed checkpoint (e.g. `last-checkpoint`, which
-        # training resumes from) carries the EMA. Only the main process gets this event.
-        if self.ema is None or self._evals_pending:
+        # training resumes from) carries the EMA. Only the main process gets this event. Outside train() (e.g.
+        # `trainer.push_to_hub()` afterwards, when the EMA may be the best checkpoint's) nothing is written: the
+        # checkpoints already hold their own `ema_net`.
+        if self.ema is None or not self._training or self._evals_pending:
             return
         path = self._checkpoint_dir(args, state)
-        if path is None or self._holds_current_ema(path):
-            return  # not a checkpoint push (e.g. `trainer.push_to_hub()` after training), or written already
+        if path is None:
+            return
         if self.ema.is_sharded:  # gathering needs every rank: left to on_save
             if not self._warned_push:
                 logger.warning(
@@ -512,13 +521,6 @@ class EMATrainerCallback(TrainerCallback):
             return
         self.ema.save(path)
         self._saved_at_step = state.global_step
-
-    def _holds_current_ema(self, path: str) -> bool:
-        assert self.ema is not None
-        try:
-            return has_ema(path) and int(load_ema_meta(path).get("step", -1)) == self.ema.step
-        except (EMAFileError, TypeError, ValueError):
-            return False
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -551,6 +553,8 @@ class EMATrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._set_log_hook(installed=False)
+        self._training = False
+        self._saved_at_step = None
         if self.ema is None:
             return
         self._ensure_training_weights("the end of training")

@@ -102,9 +102,13 @@ class LogSpy(TrainerCallback):
 
     def __init__(self):
         self.logs: list[dict[str, float]] = []
+        self.trainer = None  # when set: also count the EMA log hooks in its callback list at each log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append({**(logs or {}), "at_step": state.global_step})
+        if self.trainer is not None:
+            names = [type(c).__name__ for c in self.trainer.callback_handler.callbacks]
+            self.logs[-1]["hooks"] = names.count("_EMADecayLog")
 
 
 def test_ema_decay_reaches_reporting_callbacks_listed_before_it(tmp_path):
@@ -122,8 +126,10 @@ def test_ema_decay_reaches_reporting_callbacks_listed_before_it(tmp_path):
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert "_EMADecayLog" not in names and names.count("EMATrainerCallback") == 1
     spy.logs.clear()
+    spy.trainer = trainer
     trainer.args.max_steps = 8
     trainer.train()
+    assert {log["hooks"] for log in spy.logs} == {1}
     assert [log["ema_decay"] for log in spy.logs if "loss" in log] == pytest.approx(
         [decays_for("threshold", 0.8, 8)[s - 1] for s in (2, 4, 6, 8)], rel=1e-12
     )
@@ -416,6 +422,10 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
             return done
 
     monkeypatch.setattr(trainer_module, "hf_api", lambda *a, **k: OfflineHub())
+    # An earlier run into the same output_dir (other data) leaves checkpoint-3/6 with its own ema_net: the pushed
+    # checkpoints must carry this run's EMA, not those.
+    run(tmp_path, TinyNet(seed=1), EMATrainerCallback(decay=0.8), data=ToyDataset(64, seed=5), max_steps=6,
+        save_strategy="steps", save_steps=3)
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.8, decay_type="threshold")
     _, rec = run(
@@ -436,6 +446,56 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
         # on_save did not write it a second time: the local checkpoint keeps the file that was uploaded
         local = tmp_path / f"checkpoint-{step}" / "ema_net" / "model.safetensors"
         assert local.stat().st_ino == u["inode"]
+
+
+def test_checkpoint_dir_is_this_runs_folder(tmp_path):
+    """on_save/on_push_begin write into the folder the Trainer has just written: output_dir/checkpoint-N, or the
+    trial's output_dir/<run>/checkpoint-N during a hyper-parameter search (not a stale top-level one)."""
+    import time
+    from types import SimpleNamespace
+
+    class FakeTrainer:
+        hp_search_backend = None
+
+    stale, trial = tmp_path / "checkpoint-4", tmp_path / "run-1" / "checkpoint-4"
+    stale.mkdir()
+    time.sleep(0.01)
+    trial.mkdir(parents=True)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=4)
+    cb, trainer = EMATrainerCallback(), FakeTrainer()
+    cb.bind(trainer)
+    assert cb._checkpoint_dir(args, state) == str(stale)
+    trainer.hp_search_backend = "optuna"
+    assert cb._checkpoint_dir(args, state) == str(trial)
+    assert cb._checkpoint_dir(args, SimpleNamespace(global_step=8)) is None
+
+
+def test_push_after_training_leaves_the_checkpoints_ema_net_alone(tmp_path):
+    """After load_best_model_at_end the callback holds the best checkpoint's EMA; a push after training (e.g.
+    ``trainer.push_to_hub()`` fires on_push_begin) must not write it into the last checkpoint."""
+    scores = iter([1.0, 5.0, 2.0, 3.0])  # the best evaluation is at step 8
+    cb = EMATrainerCallback(decay=0.6)
+    trainer, _ = run(
+        tmp_path,
+        TinyNet(),
+        cb,
+        eval_data=ToyDataset(32, seed=1),
+        trainer_kwargs={"compute_metrics": lambda pred: {"score": next(scores)}},
+        max_steps=16,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        greater_is_better=True,
+    )
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-8") and cb.ema.step == 8
+    last = tmp_path / "checkpoint-16" / "ema_net"
+    inode = (last / "model.safetensors").stat().st_ino
+    trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
+    assert (last / "model.safetensors").stat().st_ino == inode
+    assert json.loads((last / "ema_state.json").read_text())["step"] == 16
 
 
 @pytest.mark.parametrize("replace_at_end", [True, False])
