@@ -251,6 +251,10 @@ class EMANetReader:
         """The tensor ``name``, or only its region ``index`` (one slice per leading dimension), on the CPU."""
         from safetensors import SafetensorError
 
+        if self._handle is None:
+            raise EMAFileError(f"The EMA reader of {str(self.path)!r} is closed")
+        if name not in self.shapes:
+            raise KeyError(f"{name!r} is not in {str(self.path / WEIGHTS_NAME)!r}")
         try:
             if not index:
                 return self._handle.get_tensor(name)
@@ -262,7 +266,8 @@ class EMANetReader:
             ) from e
 
     def close(self) -> None:
-        """Release the file (also done on leaving a ``with`` block)."""
+        """Drop this reader's handle on the file (also done on leaving a ``with`` block); tensors already read
+        stay valid."""
         self._handle = None
 
     def __enter__(self) -> EMANetReader:

@@ -356,6 +356,20 @@ def _saved(tmp_path):
     return model, ema, tmp_path / "ema_net" / "model.safetensors"
 
 
+def test_reader_reads_regions_and_refuses_unknown_names_and_use_after_close(tmp_path):
+    w = torch.arange(12.0).reshape(4, 3)
+    hf_ema.io.save_ema_net(tmp_path, {"w": w, "b": torch.ones(3)}, {"step": 2})
+    with hf_ema.io.open_ema_net(tmp_path) as reader:
+        assert reader.meta["step"] == 2 and reader.shapes == {"w": (4, 3), "b": (3,)}
+        assert torch.equal(reader.read("w", (slice(1, 3),)), w[1:3])
+        assert torch.equal(reader.read("w", (slice(4, 4),)), w[4:4])  # an empty shard at the end
+        assert torch.equal(reader.read("w"), w)
+        with pytest.raises(KeyError, match="'v' is not in"):
+            reader.read("v")
+    with pytest.raises(hf_ema.EMAFileError, match="closed"):
+        reader.read("w")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_safetensors_is_refused(tmp_path, damage):
     model, _, st = _saved(tmp_path)
