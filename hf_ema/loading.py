@@ -65,7 +65,9 @@ def load_model(
             f"`model_class` must have a `from_pretrained` method or be an nn.Module instance, got {model_class!r}"
         )
     if use_ema:
-        with open_ema_net(ema_dir) as reader:  # checks the JSON and the weights' header before from_pretrained
+        with open_ema_net(
+            ema_dir
+        ) as reader:  # checks the JSON and the weights' header before from_pretrained
             meta = reader.meta
             complete = (ema_dir / CONFIG_NAME).is_file() and not meta.get("trainable_only", False)
             tensors = {} if complete else {name: reader.read(name) for name in reader.shapes}

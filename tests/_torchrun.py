@@ -46,9 +46,7 @@ def run_torchrun(worker: Path, *args: str, timeout: int, label: str = "worker") 
         [*cmd, str(worker), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
-        raise AssertionError(
-            f"{label} failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
-        )
+        raise AssertionError(f"{label} failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
 def load_history(path: Path) -> list[dict[str, np.ndarray]]:
@@ -65,7 +63,9 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> N
         np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def assert_shards_stack_to(gathered: dict[str, torch.Tensor], out: Path, prefix: str) -> dict[str, torch.Tensor]:
+def assert_shards_stack_to(
+    gathered: dict[str, torch.Tensor], out: Path, prefix: str
+) -> dict[str, torch.Tensor]:
     """Each rank's local tensors (``<prefix>0/1.safetensors`` in ``out``) are its own rows of ``gathered``
     (FSDP2 ``Shard(0)``, rank 0 first). Returns rank 0's tensors for further checks."""
     l0 = load_file(str(out / f"{prefix}0.safetensors"))

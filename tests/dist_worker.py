@@ -74,9 +74,24 @@ class CollectiveCounter:
     functional ones included) and calls to patched ``torch.distributed`` functions."""
 
     NAMES = (
-        "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
-        "broadcast", "barrier", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "send",
-        "recv", "isend", "irecv", "all_gather_object", "broadcast_object_list",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "reduce_scatter",
+        "broadcast",
+        "barrier",
+        "all_to_all",
+        "all_to_all_single",
+        "reduce",
+        "gather",
+        "scatter",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "all_gather_object",
+        "broadcast_object_list",
     )
 
     def __init__(self) -> None:
@@ -142,7 +157,8 @@ def run_ddp(out: Path, rank: int) -> dict:
     save_tensors(out / f"ddp_ema_rank{rank}.safetensors", ema.state_dict()["ema"])
     if rank == 0:
         save_tensors(
-            out / "ddp_history.safetensors", {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()}
+            out / "ddp_history.safetensors",
+            {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()},
         )
     # resume: K steps, save_state, fresh model (other seed) + EMA, load_state, K more steps
     train(K, out / "ddp_ckpt", None, record=False)
@@ -212,7 +228,8 @@ def run_fsdp(out: Path, rank: int, in_ckpt: Path | None) -> dict:
     if rank == 0:
         save_tensors(out / "fsdp_gathered_ema.safetensors", full_ema)
         save_tensors(
-            out / "fsdp_history.safetensors", {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()}
+            out / "fsdp_history.safetensors",
+            {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()},
         )
         save_tensors(out / "fsdp_eval.safetensors", {"x": x, "y": y_ema})
         info["weights_restored_after_eval"] = all(torch.equal(before[k], after[k]) for k in before)
@@ -322,7 +339,8 @@ def run_zero3(out: Path, rank: int) -> dict:
     if rank == 0:
         save_tensors(out / "zero3_gathered_ema.safetensors", full_ema)
         save_tensors(
-            out / "zero3_history.safetensors", {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()}
+            out / "zero3_history.safetensors",
+            {f"{i}/{n}": t for i, h in enumerate(history) for n, t in h.items()},
         )
     return info
 

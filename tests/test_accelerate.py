@@ -73,8 +73,10 @@ def test_save_state_load_state_round_trip_and_resume_single_process(tmp_path):
     files = sorted(p.name for p in (tmp_path / "ckpt" / "ema_net").iterdir())
     assert files == ["ema_state.json", "model.safetensors"]
     assert json.loads((tmp_path / "ckpt" / "ema_net" / "ema_state.json").read_text())["step"] == 3
-    _assert_close(load_file(str(tmp_path / "ckpt" / "ema_net" / "model.safetensors")),
-                  reference_ema(history[:4], decays_for(DECAY_TYPE, DECAY, 3)))
+    _assert_close(
+        load_file(str(tmp_path / "ckpt" / "ema_net" / "model.safetensors")),
+        reference_ema(history[:4], decays_for(DECAY_TYPE, DECAY, 3)),
+    )
 
     acc_c, model_c, opt_c, ema_c = _setup(42)  # other initial weights: everything must come from the files
     acc_c.load_state(str(tmp_path / "ckpt"))
@@ -115,17 +117,45 @@ def _run_example(args: list[str], nproc: int) -> None:
         # `accelerate launch --cpu` always runs ONE process (its simple launcher; Accelerate 1.15). The multi-process
         # launcher (torchrun) with CUDA hidden makes the example ask Accelerate for a gloo MULTI_CPU group.
         env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+        ]
     else:
         cmd = [sys.executable]
-    proc = subprocess.run([*cmd, str(EXAMPLE), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [*cmd, str(EXAMPLE), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
-COMMON = ["--ema", "--ema_decay", "0.9", "--ema_decay_type", "threshold", "--max_steps", "6", "--save_steps", "3",
-          "--gradient_accumulation_steps", "2", "--per_device_batch_size", "16"]
+COMMON = [
+    "--ema",
+    "--ema_decay",
+    "0.9",
+    "--ema_decay_type",
+    "threshold",
+    "--max_steps",
+    "6",
+    "--save_steps",
+    "3",
+    "--gradient_accumulation_steps",
+    "2",
+    "--per_device_batch_size",
+    "16",
+]
 
 
 def test_example_single_process_in_process(tmp_path):
@@ -148,8 +178,16 @@ def test_example_accelerate_launch_two_processes_then_resumes_exactly(tmp_path):
     assert metrics["num_processes"] == nproc  # really distributed (not nproc independent single-process runs)
     assert metrics["ema_step"] == 6  # one EMA update per optimizer step, not per micro-batch
     assert set(metrics["final"]) == {"step", "loss", "accuracy", "ema_loss", "ema_accuracy"}
-    _run_example([*common, "--output_dir", str(tmp_path / "resumed"),
-                  "--resume_from", str(tmp_path / "full" / "checkpoint_3")], nproc)
+    _run_example(
+        [
+            *common,
+            "--output_dir",
+            str(tmp_path / "resumed"),
+            "--resume_from",
+            str(tmp_path / "full" / "checkpoint_3"),
+        ],
+        nproc,
+    )
     for f in ("ema_net/model.safetensors", "model.safetensors"):
         a = load_file(str(tmp_path / "full" / "checkpoint_6" / f))
         b = load_file(str(tmp_path / "resumed" / "checkpoint_6" / f))

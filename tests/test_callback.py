@@ -42,8 +42,17 @@ def far_from(tensors, ref, min_diff=1e-3):
 
 
 def run(
-    tmp_path, model, cb, data=None, eval_data=None, trainer_cls=Trainer, resume=None, before=(), after=(),
-    trainer_kwargs=None, **args
+    tmp_path,
+    model,
+    cb,
+    data=None,
+    eval_data=None,
+    trainer_cls=Trainer,
+    resume=None,
+    before=(),
+    after=(),
+    trainer_kwargs=None,
+    **args,
 ):
     """Train with callbacks ``[*before, Recorder(model), cb, *after]``; ``args`` go to ``training_args``."""
     rec = Recorder(model)
@@ -291,8 +300,14 @@ def test_cancelled_evaluation_never_lets_ema_weights_train(tmp_path, caplog):
     cb = EMATrainerCallback(decay=0.8)
     with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
         _, rec = run(
-            tmp_path, model, cb, eval_data=ToyDataset(32, seed=1), after=[CancelEvalAt(4)],
-            max_steps=8, eval_strategy="steps", eval_steps=4,
+            tmp_path,
+            model,
+            cb,
+            eval_data=ToyDataset(32, seed=1),
+            after=[CancelEvalAt(4)],
+            max_steps=8,
+            eval_strategy="steps",
+            eval_steps=4,
         )
     assert sorted(rec.eval_weights) == [8]
     # the recorder (before us) saw the EMA still in at the start of step 5, but never at an optimizer step
@@ -412,7 +427,9 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
             uploads.append(
                 {
                     "to": path_in_repo,
-                    "ema_step": json.loads((ema / "ema_state.json").read_text())["step"] if ema.is_dir() else None,
+                    "ema_step": json.loads((ema / "ema_state.json").read_text())["step"]
+                    if ema.is_dir()
+                    else None,
                     "ema": load_file(str(ema / "model.safetensors")) if ema.is_dir() else None,
                     "inode": (ema / "model.safetensors").stat().st_ino if ema.is_dir() else None,
                 }
@@ -424,8 +441,15 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "hf_api", lambda *a, **k: OfflineHub())
     # An earlier run into the same output_dir (other data) leaves checkpoint-3/6 with its own ema_net: the pushed
     # checkpoints must carry this run's EMA, not those.
-    run(tmp_path, TinyNet(seed=1), EMATrainerCallback(decay=0.8), data=ToyDataset(64, seed=5), max_steps=6,
-        save_strategy="steps", save_steps=3)
+    run(
+        tmp_path,
+        TinyNet(seed=1),
+        EMATrainerCallback(decay=0.8),
+        data=ToyDataset(64, seed=5),
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+    )
     model = TinyNet()
     cb = EMATrainerCallback(decay=0.8, decay_type="threshold")
     _, rec = run(
@@ -442,7 +466,9 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
     pushed = [u for u in uploads if u["to"] == "last-checkpoint"]
     assert [u["ema_step"] for u in pushed] == [3, 6]
     for u, step in zip(pushed, (3, 6), strict=True):
-        assert_close_to(u["ema"], reference_ema(np_hist(rec.history[: step + 1]), decays_for("threshold", 0.8, step)))
+        assert_close_to(
+            u["ema"], reference_ema(np_hist(rec.history[: step + 1]), decays_for("threshold", 0.8, step))
+        )
         # on_save did not write it a second time: the local checkpoint keeps the file that was uploaded
         local = tmp_path / f"checkpoint-{step}" / "ema_net" / "model.safetensors"
         assert local.stat().st_ino == u["inode"]
@@ -565,8 +591,14 @@ def test_distillation_averages_student_only(tmp_path):
     student = TinyNet(seed=0)
     cb = EMATrainerCallback(decay=0.8)
     _, rec = run(
-        tmp_path, student, cb, trainer_cls=DistillTrainer, trainer_kwargs={"teacher": teacher},
-        max_steps=10, save_strategy="steps", save_steps=10,
+        tmp_path,
+        student,
+        cb,
+        trainer_cls=DistillTrainer,
+        trainer_kwargs={"teacher": teacher},
+        max_steps=10,
+        save_strategy="steps",
+        save_steps=10,
     )
     assert same_bits(snapshot(teacher), teacher_before)
     assert cb.ema.names == [n for n, _ in student.named_parameters()]

@@ -181,7 +181,9 @@ def test_zero3_partition_ema_gather_and_scatter(tmp_path):
     assert_close(gathered, _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))
     # the folder written under ZeRO-3 is the plain model's: it loads into an unsharded model
     ema = EMAState.load(tmp_path / "zero3_ckpt", make_model(seed=3))
-    assert_close(ema.state_dict()["ema"], _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K))
+    assert_close(
+        ema.state_dict()["ema"], _expected(load_history(tmp_path / "zero3_history.safetensors"), 2 * K)
+    )
 
 
 # ------------------------------------------------------------------------------ reading a rank's part (1 process)

@@ -242,7 +242,10 @@ def test_buffers_ignore_save_then_load(tmp_path):
     want = {k: v.clone() for k, v in ema.state_dict()["ema"].items()}
     fresh = tiny_bn_net()
     buffers_before = {n: fresh.state_dict()[n].clone() for n in FLOAT_BUFFERS}
-    for restored in (EMAState(fresh, decay=0.9, buffers="ignore").load(tmp_path), EMAState.load(tmp_path, fresh)):
+    for restored in (
+        EMAState(fresh, decay=0.9, buffers="ignore").load(tmp_path),
+        EMAState.load(tmp_path, fresh),
+    ):
         assert restored.step == 25 and restored.names == ema.names
         got = restored.state_dict()["ema"]
         assert all(torch.equal(got[k], want[k]) for k in want)
