@@ -499,6 +499,10 @@ def test_checkpoint_dir_is_this_runs_folder(tmp_path):
 def test_push_after_training_leaves_the_checkpoints_ema_net_alone(tmp_path):
     """After load_best_model_at_end the callback holds the best checkpoint's EMA; a push after training (e.g.
     ``trainer.push_to_hub()`` fires on_push_begin) must not write it into the last checkpoint."""
+    from transformers.trainer_callback import CallbackHandler
+
+    if not hasattr(CallbackHandler, "on_push_begin"):
+        pytest.skip("this transformers version has no on_push_begin event")
     scores = iter([1.0, 5.0, 2.0, 3.0])  # the best evaluation is at step 8
     cb = EMATrainerCallback(decay=0.6)
     trainer, _ = run(
