@@ -414,7 +414,7 @@ def test_checkpoint_pushed_to_hub_carries_its_ema_net(tmp_path, monkeypatch):
     import transformers.trainer as trainer_module
 
     if not hasattr(trainer_module, "hf_api"):
-        pytest.skip("this transformers version pushes through other functions (no offline stand-in here)")
+        pytest.skip(reason="this transformers version pushes through other functions (no offline stand-in here)")
     uploads = []
 
     class OfflineHub:  # records what each upload would send, when it is started
@@ -502,7 +502,7 @@ def test_push_after_training_leaves_the_checkpoints_ema_net_alone(tmp_path):
     from transformers.trainer_callback import CallbackHandler
 
     if not hasattr(CallbackHandler, "on_push_begin"):
-        pytest.skip("this transformers version has no on_push_begin event")
+        pytest.skip(reason="this transformers version has no on_push_begin event")
     scores = iter([1.0, 5.0, 2.0, 3.0])  # the best evaluation is at step 8
     cb = EMATrainerCallback(decay=0.6)
     trainer, _ = run(
