@@ -65,9 +65,8 @@ def load_model(
             f"`model_class` must have a `from_pretrained` method or be an nn.Module instance, got {model_class!r}"
         )
     if use_ema:
-        with open_ema_net(
-            ema_dir
-        ) as reader:  # checks the JSON and the weights' header before from_pretrained
+        # Check the JSON and the weights' header before from_pretrained reads the folder (weights read once).
+        with open_ema_net(ema_dir) as reader:
             meta = reader.meta
             complete = (ema_dir / CONFIG_NAME).is_file() and not meta.get("trainable_only", False)
             tensors = {} if complete else {name: reader.read(name) for name in reader.shapes}
