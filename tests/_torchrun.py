@@ -63,6 +63,13 @@ def assert_close(got: dict[str, torch.Tensor], want: dict[str, np.ndarray]) -> N
         np.testing.assert_allclose(to_numpy(got[name]), w, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same names, and every tensor bitwise equal (e.g. the EMA on two ranks)."""
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def assert_shards_stack_to(
     gathered: dict[str, torch.Tensor], out: Path, prefix: str
 ) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests._torchrun import assert_close, assert_shards_stack_to, load_history, run_torchrun
+from tests._torchrun import assert_close, assert_same_bits, assert_shards_stack_to, load_history, run_torchrun
 from tests.callback_sharded_worker import DECAY, DECAY_TYPE, EVAL_STEP, MAX_STEPS, SAVE_STEP
 from tests.reference import decays_for, reference_ema, tiny_bert, to_numpy
 
@@ -133,8 +133,6 @@ def test_model_holds_the_ema_at_train_end(run):
     out, _ = run
     final = load_file(str(out / "final_ema.safetensors"))
     end = load_file(str(out / "end_weights.safetensors"))
-    assert sorted(end) == sorted(final)
-    for name in final:
-        assert torch.equal(end[name], final[name]), name
+    assert_same_bits(end, final)
     history = load_history(out / "history.safetensors")
     assert not np.array_equal(history[-1]["classifier.weight"], to_numpy(end["classifier.weight"]))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_ema import EMAState
-from tests._torchrun import assert_close, assert_shards_stack_to, load_history, run_torchrun
+from tests._torchrun import assert_close, assert_same_bits, assert_shards_stack_to, load_history, run_torchrun
 from tests.dist_worker import DECAY, DECAY_TYPE, K, make_model
 from tests.reference import decays_for, record, reference_ema
 
@@ -68,9 +68,7 @@ def test_ddp_ema_identical_on_ranks_and_equal_to_reference(ddp_fsdp):
     out, _ = ddp_fsdp
     r0 = load_file(str(out / "ddp_ema_rank0.safetensors"))
     r1 = load_file(str(out / "ddp_ema_rank1.safetensors"))
-    assert sorted(r0) == sorted(r1)
-    for name in r0:
-        assert torch.equal(r0[name], r1[name]), name
+    assert_same_bits(r0, r1)
     assert_close(r0, _expected(load_history(out / "ddp_history.safetensors"), 2 * K))
 
 
