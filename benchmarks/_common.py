@@ -116,6 +116,21 @@ class ManyTensors(nn.Module):
 
 
 @torch.no_grad()
+def bert_config(hidden: int, layers: int, vocab: int, heads: int, **extra: Any) -> Any:
+    """A small ``BertConfig`` built offline (no download): FFN 4x hidden, 128 positions."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=128,
+        **extra,
+    )
+
+
 def perturb_(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
     """Move every parameter by seeded noise (the model "trains"; the EMA lags behind)."""
     g = torch.Generator().manual_seed(seed)

@@ -19,25 +19,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import ROOT, arg_parser, emit, machine_info, md_table
+from _common import ROOT, arg_parser, bert_config, emit, machine_info, md_table
 from torch import nn
 
 MB = 1 << 20
 
 
 def make_bert(hidden: int, layers: int, vocab: int = 8000) -> nn.Module:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=128,
-    )
-    return BertModel(cfg)
+    return BertModel(bert_config(hidden, layers, vocab, heads=4))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

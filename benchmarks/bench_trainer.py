@@ -17,7 +17,7 @@ import time
 import warnings
 
 import torch
-from _common import arg_parser, emit, machine_info, md_table
+from _common import arg_parser, bert_config, emit, machine_info, md_table
 
 TARGET_PCT = 3.0
 
@@ -42,19 +42,10 @@ class TokenData(torch.utils.data.Dataset):
 
 
 def make_model(hidden: int, layers: int, vocab: int):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=hidden * 4,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
+    return BertForSequenceClassification(bert_config(hidden, layers, vocab, heads=2, num_labels=2))
 
 
 def _time_hooks(callback, acc: list[float]) -> None:
