@@ -21,8 +21,9 @@ __all__ = ["EMAArguments"]
 class EMAArguments:
     """EMA options for training scripts; parse them with ``HfArgumentParser((TrainingArguments, EMAArguments))``.
 
-    The EMA after optimizer step ``t`` (0-based) is ``ema <- ema * d_t + theta_t * (1 - d_t)`` with
-    ``d_t = schedule(ema_decay, t, total_steps)``; see :class:`hf_ema.EMAState`.
+    The EMA after optimizer step ``t`` (1-based: the steps done, including this one) is
+    ``ema <- ema * d_t + theta_t * (1 - d_t)`` with ``d_t = schedule(ema_decay, t, total_steps)``; see
+    :class:`hf_ema.EMAState`.
 
     Example:
         >>> from transformers import HfArgumentParser
