@@ -13,6 +13,9 @@ name       decay used at ``step`` (1-based)
 constant   ``decay``
 threshold  ``min(decay, (1 + step) / (10 + step))``  (2/11 at the first step)
 exp        ``decay * (1 - exp(-beta * step / total_steps))``
+warmup     ``0`` while ``s = step - update_after_step - 1 <= 0`` (the EMA copies the weights), then
+           ``clamp(1 - (1 + s / inv_gamma) ** -warmup_power, min_decay, decay)`` (timm ``ModelEmaV3`` /
+           diffusers ``EMAModel`` warm-up)
 ========== =========================================================
 
 Register your own by subclassing :class:`IDecayFunction` and adding it to :data:`EMA_DECAY_FUNCTIONS`::
@@ -32,6 +35,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,6 +46,7 @@ __all__ = [
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",
+    "WarmupDecay",
     "build_schedule",
     "make_schedule",
     "supergradients_kwargs",
@@ -85,6 +90,14 @@ class IDecayFunction:
             The decay to use for this step, in [0, 1].
         """
         raise NotImplementedError
+
+    def validate(self, decay: float) -> None:
+        """Check, when the EMA is built, that this schedule can work with the maximum ``decay``; raise a
+        ``ValueError`` naming the argument otherwise. The default accepts any decay.
+
+        Example:
+            >>> WarmupDecay(min_decay=0.5).validate(0.9)  # fine; min_decay=0.95 would raise
+        """
 
     def interval_decay(self, decay: float, step: int, total_steps: int | None, interval: int) -> float:
         """Decay to apply when averaging once over the last `interval` optimizer steps ending at `step`; default
@@ -174,11 +187,96 @@ class ExpDecay(IDecayFunction):
         return decay * (1.0 - math.exp(-self.beta * step / total_steps))
 
 
+def _positive(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"WarmupDecay: `{name}` must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class WarmupDecay(IDecayFunction):
+    """The warm-up of timm's ``ModelEmaV3`` and diffusers' ``EMAModel`` (``use_ema_warmup``), on the same steps.
+
+    With ``s = step - update_after_step - 1`` (``step`` 1-based, as both libraries count their updates)::
+
+        d(step) = 0                                                       if s <= 0  (the EMA copies the weights)
+        d(step) = max(min(1 - (1 + s / inv_gamma) ** -warmup_power, decay), min_decay)   otherwise
+
+    So the first ``update_after_step + 1`` updates copy the weights (no averaging yet: the EMA follows them), and
+    the decay then rises towards ``decay``: with ``inv_gamma = 1`` it reaches 0.999 after about 31.6k steps for
+    ``warmup_power = 2/3``, 10k steps for ``3/4``. ``min_decay = decay`` gives a constant decay after the copying
+    steps (timm's ``ModelEmaV3`` without ``use_warmup``).
+
+    Args:
+        warmup_power: Exponent of the warm-up (timm ``warmup_power``, diffusers ``power``), > 0. Default 2/3.
+        inv_gamma: Step scale of the warm-up (timm ``warmup_gamma``, diffusers ``inv_gamma``), > 0. Default 1.
+        min_decay: Lower bound of the decay after the copying steps, in [0, decay]. Default 0.
+        update_after_step: Updates, besides the first, that copy the weights instead of averaging. Default 0.
+
+    Example:
+        >>> fn = WarmupDecay()
+        >>> fn(0.9999, 1, None), round(fn(0.9999, 2, None), 6)
+        (0.0, 0.370039)
+    """
+
+    def __init__(
+        self,
+        warmup_power: float = 2 / 3,
+        inv_gamma: float = 1.0,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+    ) -> None:
+        warmup_power = _positive("warmup_power", warmup_power)
+        inv_gamma = _positive("inv_gamma", inv_gamma)
+        if (
+            isinstance(min_decay, bool)
+            or not isinstance(min_decay, numbers.Real)
+            or not (0.0 <= min_decay <= 1.0)
+        ):
+            raise ValueError(f"WarmupDecay: `min_decay` must be a number in [0, 1], got {min_decay!r}")
+        if (
+            isinstance(update_after_step, bool)
+            or not isinstance(update_after_step, numbers.Integral)
+            or update_after_step < 0
+        ):
+            raise ValueError(
+                f"WarmupDecay: `update_after_step` must be an integer >= 0, got {update_after_step!r}"
+            )
+        super().__init__(
+            warmup_power=warmup_power,
+            inv_gamma=inv_gamma,
+            min_decay=float(min_decay),
+            update_after_step=int(update_after_step),
+        )
+        self.warmup_power = warmup_power
+        self.inv_gamma = inv_gamma
+        self.min_decay = float(min_decay)
+        self.update_after_step = int(update_after_step)
+
+    def validate(self, decay: float) -> None:
+        if self.min_decay > decay:
+            raise ValueError(
+                f"WarmupDecay: `min_decay`={self.min_decay!r} is above the maximum `decay`={decay!r}"
+            )
+
+    def __call__(self, decay: float, step: int, total_steps: int | None) -> float:
+        s = step - self.update_after_step - 1
+        if s <= 0:
+            return 0.0
+        d = 1.0 - (1.0 + s / self.inv_gamma) ** -self.warmup_power
+        return max(min(d, decay), self.min_decay)
+
+
 #: Registry of schedule names to :class:`IDecayFunction` subclasses. Add your own entries.
 EMA_DECAY_FUNCTIONS: dict[str, type[IDecayFunction]] = {
     "constant": ConstantDecay,
     "threshold": ThresholdDecay,
     "exp": ExpDecay,
+    "warmup": WarmupDecay,
 }
 
 

@@ -154,8 +154,8 @@ class EMAState:
     Args:
         model: The model (wrapped or not: DDP, ``torch.compile`` and Accelerate wrappers are removed).
         decay: Maximum decay, strictly in (0, 1).
-        decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, a name registered in ``EMA_DECAY_FUNCTIONS``, or
-            an :class:`~hf_ema.schedules.IDecayFunction` instance.
+        decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, ``"warmup"`` (timm / diffusers warm-up), a name
+            registered in ``EMA_DECAY_FUNCTIONS``, or an :class:`~hf_ema.schedules.IDecayFunction` instance.
         beta: ``exp`` schedule sharpness.
         total_steps: Planned number of optimizer steps (required by ``exp``).
         update_every: Average on every N-th optimizer step only, with the decay raised to the N-th power.
@@ -276,6 +276,9 @@ class EMAState:
 
     # ------------------------------------------------------------------ set-up
     def _check_schedule_needs(self) -> None:
+        validate = getattr(self.schedule, "validate", None)
+        if validate is not None:
+            validate(self.decay)
         if getattr(self.schedule, "requires_total_steps", False) and self.total_steps is None:
             raise ValueError(
                 f"decay_type={self.decay_type!r} needs `total_steps` (the planned number of optimizer steps); "
