@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from .io import EMAFileError, load_ema_net, save_ema_net
 from .loading import load_model
-from .schedules import EMA_DECAY_FUNCTIONS, ConstantDecay, ExpDecay, IDecayFunction, ThresholdDecay
+from .schedules import (
+    EMA_DECAY_FUNCTIONS,
+    ConstantDecay,
+    ExpDecay,
+    IDecayFunction,
+    ThresholdDecay,
+    WarmupDecay,
+)
 from .state import EMAState
 
 if TYPE_CHECKING:
@@ -48,6 +55,7 @@ __all__ = [
     "ExpDecay",
     "IDecayFunction",
     "ThresholdDecay",
+    "WarmupDecay",
     "__version__",
     "load_ema_net",
     "load_model",

@@ -21,8 +21,9 @@ __all__ = ["EMAArguments"]
 class EMAArguments:
     """EMA options for training scripts; parse them with ``HfArgumentParser((TrainingArguments, EMAArguments))``.
 
-    The EMA after optimizer step ``t`` (0-based) is ``ema <- ema * d_t + theta_t * (1 - d_t)`` with
-    ``d_t = schedule(ema_decay, t, total_steps)``; see :class:`hf_ema.EMAState`.
+    The EMA after optimizer step ``t`` (1-based: the steps done, including this one) is
+    ``ema <- ema * d_t + theta_t * (1 - d_t)`` with ``d_t = schedule(ema_decay, t, total_steps)``; see
+    :class:`hf_ema.EMAState`.
 
     Example:
         >>> from transformers import HfArgumentParser
@@ -79,6 +80,29 @@ class EMAArguments:
         default="eval_raw",
         metadata={"help": "Metric prefix of the training weights' evaluation (eval_both)."},
     )
+    # Arguments of the `warmup` schedule (timm / diffusers warm-up); None: not passed (the schedule's default).
+    ema_warmup_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "`warmup` schedule: warm-up exponent (timm warmup_power, diffusers power); default 2/3."
+        },
+    )
+    ema_inv_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "`warmup` schedule: warm-up step scale (timm warmup_gamma, diffusers inv_gamma); default 1."
+        },
+    )
+    ema_min_decay: float | None = field(
+        default=None,
+        metadata={"help": "`warmup` schedule: lowest decay once averaging has started; default 0."},
+    )
+    ema_update_after_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "`warmup` schedule: updates after the first that still copy the weights; default 0."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -108,6 +132,16 @@ class EMAArguments:
             "replace_at_end": self.ema_replace_at_end,
             "eval_both": self.ema_eval_both,
             "raw_prefix": self.ema_raw_prefix,
+            **{
+                name: value
+                for name, value in (
+                    ("warmup_power", self.ema_warmup_power),
+                    ("inv_gamma", self.ema_inv_gamma),
+                    ("min_decay", self.ema_min_decay),
+                    ("update_after_step", self.ema_update_after_step),
+                )
+                if value is not None  # given only when set: other schedules refuse these arguments
+            },
         }
 
     def callbacks(self) -> list[EMATrainerCallback]:

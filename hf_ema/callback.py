@@ -1,8 +1,9 @@
 """``EMATrainerCallback``: an EMA of the model weights for the Hugging Face ``Trainer``.
 
 The callback holds no EMA math: it drives an :class:`hf_ema.EMAState` from the Trainer's events. After optimizer
-step ``t`` (0-based) the EMA becomes ``ema <- ema * d_t + theta_t * (1 - d_t)``, ``d_t = schedule(decay, t, T)``
-with ``T`` the Trainer's ``max_steps`` unless ``total_steps`` is given.
+step ``t`` (1-based: ``t = state.global_step``, the steps done including this one, as SuperGradients counts them)
+the EMA becomes ``ema <- ema * d_t + theta_t * (1 - d_t)``, ``d_t = schedule(decay, t, T)`` with ``T`` the
+Trainer's ``max_steps`` unless ``total_steps`` is given.
 
 Why these hooks (checked against ``transformers`` 5.24; the same order holds in 4.46):
 
@@ -63,7 +64,7 @@ from transformers import TrainerCallback
 
 from .io import EMA_DIRNAME
 from .loading import has_ema
-from .schedules import IDecayFunction
+from .schedules import IDecayFunction, supergradients_kwargs
 from .state import EMAState
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ logger = logging.getLogger(__name__)
 _PREFIX_CHECKPOINT_DIR = "checkpoint"
 _TRAINER_STATE_NAME = "trainer_state.json"
 _TRAINER_FRAMES = ("_inner_training_loop", "train")
-# Keys of a SuperGradients ``ema_params`` dict that are not EMA settings.
-_SG_IGNORED_KEYS = ("ema",)
 
 
 def _find_running_trainer() -> tuple[Trainer | None, str | None]:
@@ -139,10 +138,11 @@ class _EMADecayLog(TrainerCallback):
 class EMATrainerCallback(TrainerCallback):
     """Keep an EMA of the model's weights during ``Trainer.train()``; evaluate, checkpoint and finish with it.
 
-    After every optimizer step ``t`` (0-based), ``ema <- ema * d_t + theta_t * (1 - d_t)`` with
-    ``d_t = schedule(decay, t, total_steps)`` (``constant``: ``decay``; ``threshold``:
-    ``min(decay, (1 + t) / (10 + t))``; ``exp``: ``decay * (1 - exp(-beta * t / total_steps))``). With
-    ``update_every = N`` the average runs every N-th step with ``d_t ** N``.
+    After every optimizer step ``t`` (1-based: 1 after the first step, as in SuperGradients),
+    ``ema <- ema * d_t + theta_t * (1 - d_t)`` with ``d_t = schedule(decay, t, total_steps)`` (``constant``:
+    ``decay``; ``threshold``: ``min(decay, (1 + t) / (10 + t))``; ``exp``:
+    ``decay * (1 - exp(-beta * t / total_steps))``). With ``update_every = N`` the average runs every N-th step
+    with ``d_t ** N`` (the schedule's ``interval_decay``).
 
     What it does during ``Trainer.train()``:
 
@@ -257,8 +257,14 @@ class EMATrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_params(cls, ema_params: Mapping[str, Any], **overrides: Any) -> EMATrainerCallback:
-        """Build from a SuperGradients-style ``ema_params`` dict, e.g. ``{"decay": 0.9999, "decay_type": "exp",
-        "beta": 15}``.
+        """Build from a SuperGradients ``ema_params`` dict, e.g. ``{"decay": 0.9999, "decay_type": "exp",
+        "beta": 15}``, read as SuperGradients' ``ModelEMA.from_params`` reads it.
+
+        As in SuperGradients: a dict without ``decay_type`` means ``exp`` with ``beta=15`` (SuperGradients
+        deprecates that default: a warning says so); the legacy ``exp_activation`` flag means ``exp`` (true) or
+        ``constant`` (false); a missing ``decay`` is 0.9999 (with a warning). See
+        :func:`hf_ema.schedules.supergradients_kwargs`. Without gradient accumulation the EMA then equals
+        SuperGradients' (its trainer's ``total_steps = len(loader) * max_epochs`` is the Trainer's ``max_steps``).
 
         Args:
             ema_params: Keyword arguments of this class; a top-level ``"ema"`` flag is ignored. Keys that are not
@@ -270,14 +276,7 @@ class EMATrainerCallback(TrainerCallback):
             >>> cb.ema_kwargs["decay_type"]
             'threshold'
         """
-        if not isinstance(ema_params, Mapping):
-            raise TypeError(f"`ema_params` must be a dict, got {type(ema_params).__name__}: {ema_params!r}")
-        params = {k: v for k, v in ema_params.items() if k not in _SG_IGNORED_KEYS}
-        bad = [k for k in params if not isinstance(k, str)]
-        if bad:
-            raise TypeError(f"`ema_params` keys must be strings, got {bad!r}")
-        params.update(overrides)
-        return cls(**params)
+        return cls(**supergradients_kwargs(ema_params, overrides))
 
     @classmethod
     def from_args(cls, args: EMAArguments) -> EMATrainerCallback:

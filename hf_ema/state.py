@@ -1,13 +1,15 @@
 """The EMA engine: shadow tensors, update, swap, copy, state dict and files. It knows nothing of Trainer.
 
-Math. At creation the EMA is a copy of the model's weights, ``ema_0 = theta_0``. After the optimizer step with
-0-based index ``t`` the schedule gives ``d_t = schedule(decay, t, total_steps)`` and, with ``N = update_every``,
-on every N-th step (``(t + 1) % N == 0``)::
+Math. At creation the EMA is a copy of the model's weights, ``ema_0 = theta_0``. Steps are counted from 1: after
+optimizer step ``t`` (``t = 1`` for the first; ``t`` = optimizer steps done, including this one, as SuperGradients'
+trainer counts them) the schedule gives ``d_t = schedule(decay, t, total_steps)`` and, with ``N = update_every``,
+on every N-th step (``t % N == 0``)::
 
-    ema <- ema * d_t**N + theta_t * (1 - d_t**N)        (= lerp(ema, theta_t, 1 - d_t**N))
+    ema <- ema * D_t + theta_t * (1 - D_t)        (= lerp(ema, theta_t, 1 - D_t))
 
-Raising the decay to the N-th power keeps the averaging horizon, measured in optimizer steps, the same as with
-``N = 1``.
+with ``D_t = d_t`` for ``N = 1`` and ``D_t = schedule.interval_decay(decay, t, total_steps, N)`` otherwise
+(``d_t**N`` by default, which keeps the averaging horizon, measured in optimizer steps, the same as with ``N = 1``).
+After the update ``EMAState.step == t``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .io import EMAFileError, load_ema_meta, open_ema_net, save_ema_net
-from .schedules import IDecayFunction, build_schedule
+from .schedules import IDecayFunction, build_schedule, make_schedule, supergradients_kwargs
 
 __all__ = ["EMAState"]
 
@@ -37,6 +39,25 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _BUFFER_MODES = ("average", "copy", "ignore")
+#: Who takes the EMA's arguments, and their names (EMAState's and the Trainer callback's that wraps it): for the
+#: message, and the suggestions, when an argument is taken by no one.
+_OWNER = "EMAState / EMATrainerCallback"
+_OWN_ARGS = (
+    "decay",
+    "decay_type",
+    "beta",
+    "total_steps",
+    "update_every",
+    "dtype",
+    "buffers",
+    "trainable_only",
+    "device",
+    "accelerator",
+    "side_stream",
+    "replace_at_end",
+    "eval_both",
+    "raw_prefix",
+)
 
 
 def _library_version() -> str:
@@ -81,6 +102,18 @@ def _check_total_steps(total_steps: Any) -> int | None:
     return int(total_steps)
 
 
+def _checked_decay(value: Any, schedule: IDecayFunction, step: int, interval: int = 1) -> float:
+    """``value`` as a float in [0, 1], else a ValueError naming the schedule, the step (and the interval)."""
+    where = f"at step {step}" + (f" (interval_decay over {interval} steps)" if interval > 1 else "")
+    try:
+        d = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Decay schedule {schedule!r} returned {value!r} {where}; expected a float") from None
+    if not (0.0 <= d <= 1.0):  # also rejects NaN
+        raise ValueError(f"Decay schedule {schedule!r} returned {value!r} {where}; a decay must lie in [0, 1]")
+    return d
+
+
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None:
         return None
@@ -121,8 +154,8 @@ class EMAState:
     Args:
         model: The model (wrapped or not: DDP, ``torch.compile`` and Accelerate wrappers are removed).
         decay: Maximum decay, strictly in (0, 1).
-        decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, a name registered in ``EMA_DECAY_FUNCTIONS``, or
-            an :class:`~hf_ema.schedules.IDecayFunction` instance.
+        decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, ``"warmup"`` (timm / diffusers warm-up), a name
+            registered in ``EMA_DECAY_FUNCTIONS``, or an :class:`~hf_ema.schedules.IDecayFunction` instance.
         beta: ``exp`` schedule sharpness.
         total_steps: Planned number of optimizer steps (required by ``exp``).
         update_every: Average on every N-th optimizer step only, with the decay raised to the N-th power.
@@ -136,7 +169,9 @@ class EMAState:
             as skipped (fp16 overflow), and to save/load the EMA with ``save_state`` / ``load_state``.
         side_stream: On CUDA, run the update on a side stream; it is joined before the next optimizer step
             and before the EMA is read.
-        **schedule_kwargs: Passed to the schedule's constructor, so a SuperGradients ``ema_params`` dict works.
+        **schedule_kwargs: Arguments of the schedule's constructor (each passed only to a schedule that declares
+            it; ``beta`` only where accepted); an argument that no one takes is refused, naming it. For a
+            SuperGradients ``ema_params`` dict use :meth:`from_params`, which also reads its defaults.
 
     Example:
         >>> model = nn.Linear(4, 2)
@@ -189,7 +224,9 @@ class EMAState:
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
         self.schedule_kwargs = {"beta": beta, **schedule_kwargs}
-        self.decay_type, self.schedule = build_schedule(decay_type, **self.schedule_kwargs)
+        self.decay_type, self.schedule = make_schedule(
+            decay_type, self.schedule_kwargs, optional=("beta",), owner_args=_OWN_ARGS, owner=_OWNER
+        )
         self._check_schedule_needs()
 
         self.accelerator = accelerator
@@ -220,8 +257,28 @@ class EMAState:
 
             register_with_accelerator(self, accelerator)
 
+    @classmethod
+    def from_params(cls, model: nn.Module, ema_params: Mapping[str, Any], **overrides: Any) -> EMAState:
+        """Build from a SuperGradients ``ema_params`` dict, read as SuperGradients' ``ModelEMA.from_params`` reads
+        it (see :func:`hf_ema.schedules.supergradients_kwargs`: no ``decay_type`` means ``exp`` with
+        ``beta=15``, with a warning; ``exp_activation`` maps to ``exp`` / ``constant``).
+
+        SuperGradients' trainer uses ``total_steps = len(train_loader) * max_epochs``: pass it as an override for
+        ``exp``. Driven once per optimizer step without gradient accumulation, the EMA then equals
+        SuperGradients' (to fp32 rounding).
+
+        Example:
+            >>> ema = EMAState.from_params(nn.Linear(2, 2), {"decay": 0.999, "decay_type": "threshold"})
+            >>> ema.decay_type
+            'threshold'
+        """
+        return cls(model, **supergradients_kwargs(ema_params, overrides))
+
     # ------------------------------------------------------------------ set-up
     def _check_schedule_needs(self) -> None:
+        validate = getattr(self.schedule, "validate", None)
+        if validate is not None:
+            validate(self.decay)
         if getattr(self.schedule, "requires_total_steps", False) and self.total_steps is None:
             raise ValueError(
                 f"decay_type={self.decay_type!r} needs `total_steps` (the planned number of optimizer steps); "
@@ -330,29 +387,31 @@ class EMAState:
 
     # ------------------------------------------------------------------ update
     def decay_at(self, step: int) -> float:
-        """The schedule's decay for the optimizer step with 0-based index ``step``, checked to lie in [0, 1]."""
-        d = self.schedule(self.decay, step, self.total_steps)
-        try:
-            d = float(d)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"Decay schedule {self.schedule!r} returned {d!r} at step {step}; expected a float"
-            ) from None
-        if not (0.0 <= d <= 1.0):  # also rejects NaN
-            raise ValueError(
-                f"Decay schedule {self.schedule!r} returned {d!r} at step {step}; a decay must lie in [0, 1]"
-            )
-        return d
+        """The schedule's decay for optimizer step ``step`` (1-based: the steps done, including that one),
+        checked to lie in [0, 1].
+
+        Example:
+            >>> EMAState(nn.Linear(2, 2), decay=0.999, decay_type="threshold").decay_at(1) == 2 / 11
+            True
+        """
+        return _checked_decay(self.schedule(self.decay, step, self.total_steps), self.schedule, step)
 
     @torch.no_grad()
     def update(self) -> float | None:
         """Account for one finished optimizer step and, every ``update_every`` steps, average.
 
-        ``d = schedule(decay, step, total_steps)``; on averaging steps ``ema = ema * d**N + param * (1 - d**N)``.
+        With ``t = self.step + 1`` (optimizer steps done, this one included: 1 at the first call),
+        ``d = schedule(decay, t, total_steps)``; when ``t % N == 0`` (``N = update_every``),
+        ``ema = ema * D + param * (1 - D)`` with ``D = d`` for ``N = 1``, else
+        ``D = schedule.interval_decay(decay, t, total_steps, N)`` (``d**N`` by default). Afterwards
+        ``self.step == t``.
 
         Returns:
             ``d``, the schedule's decay for this step; ``None`` when the accelerator reports that the optimizer
             skipped the step (fp16 overflow): such a step is neither counted nor averaged.
+
+        Raises:
+            ValueError: If the schedule gives a value outside [0, 1]; nothing is counted or averaged then.
 
         Example:
             >>> ema = EMAState(nn.Linear(2, 2), decay=0.5)
@@ -363,11 +422,20 @@ class EMAState:
             raise RuntimeError("EMAState.update() called inside average_parameters(): leave the block first")
         if self.accelerator is not None and getattr(self.accelerator, "optimizer_step_was_skipped", False):
             return None
-        d = self.decay_at(self.step)
-        self.step += 1
+        step = self.step + 1
+        d = self.decay_at(step)
+        n = self.update_every
+        averaging = step % n == 0
+        if averaging and n > 1:
+            dn = _checked_decay(
+                self.schedule.interval_decay(self.decay, step, self.total_steps, n), self.schedule, step, n
+            )
+        else:
+            dn = d
+        self.step = step
         self.last_decay = d
-        if self.step % self.update_every == 0:
-            weight = 1.0 - d**self.update_every
+        if averaging:
+            weight = 1.0 - dn
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
                 with torch.cuda.stream(self._stream):
@@ -380,7 +448,8 @@ class EMAState:
 
     def skip_to(self, step: int) -> None:
         """Count ``step`` optimizer steps as already taken, without averaging (e.g. resuming from a checkpoint
-        that has no saved EMA), so the schedule continues at the right step.
+        that has no saved EMA), so the schedule continues at the right step: the next :meth:`update` uses step
+        ``step + 1``.
 
         Example:
             >>> ema = EMAState(nn.Linear(2, 2), decay=0.5, decay_type="threshold", update_every=2)
@@ -690,8 +759,9 @@ class EMAState:
             "dtype": meta.get("dtype", "float32"),
             "buffers": meta.get("buffers", "average"),
             "trainable_only": meta.get("trainable_only", False),
-            **meta.get("schedule_kwargs", {}),
         }
+        if "decay_type" not in overrides:  # the saved schedule's arguments belong to the saved schedule only
+            kwargs.update(meta.get("schedule_kwargs", {}))
         kwargs.update(overrides)
         return cls(model, **kwargs)._load_dir(directory)
 

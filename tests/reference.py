@@ -3,12 +3,14 @@
 Nothing here imports ``hf_ema``: the formulas are written from the specification in issue 2 so that tests
 compare the implementation against an independent computation, never against itself.
 
-Conventions (same as the spec):
+Conventions (steps are 1-based, as SuperGradients' trainer counts them: ``step`` = optimizer steps done,
+including the one that just finished; issue 8):
 
 * ``history[0]`` holds the model's weights when the EMA was created; ``history[k]`` (``k >= 1``) holds the
-  weights right after optimizer step ``k - 1`` (0-based), i.e. the values ``update()`` number ``k - 1`` sees.
-* ``decays[k]`` is the schedule's value ``d`` for optimizer step ``k`` (0-based).
-* With ``update_every = N`` the average happens on calls ``k`` with ``(k + 1) % N == 0`` only, using ``d**N``.
+  weights right after optimizer step ``k``, i.e. the values the ``k``-th ``update()`` sees.
+* ``decays[k - 1]`` is the schedule's value ``d`` for optimizer step ``k`` (``decays_for`` returns steps
+  ``1 .. num_steps``).
+* With ``update_every = N`` the average happens at steps ``k`` with ``k % N == 0`` only, using ``d**N``.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ _SCHEDULES = {"constant": constant_decay, "threshold": threshold_decay, "exp": e
 def decays_for(
     decay_type: str, decay: float, num_steps: int, total_steps: int | None = None, **kwargs: float
 ) -> list[float]:
-    """The reference decay for optimizer steps ``0 .. num_steps - 1``."""
+    """The reference decay for optimizer steps ``1 .. num_steps`` (1-based; element ``k - 1`` is step ``k``)."""
     fn = _SCHEDULES[decay_type]
-    return [fn(decay, step, total_steps, **kwargs) for step in range(num_steps)]
+    return [fn(decay, step, total_steps, **kwargs) for step in range(1, num_steps + 1)]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -87,7 +89,7 @@ def reference_ema(
 
     Args:
         history: ``len(decays_per_step) + 1`` snapshots; ``history[0]`` is the state at EMA creation.
-        decays_per_step: ``d`` for each optimizer step (0-based).
+        decays_per_step: ``d`` for each optimizer step, in order (element ``k - 1`` for step ``k``).
         update_every: average on every ``update_every``-th call only, with ``d ** update_every``.
         names: names to average (default: all names of ``history[0]``).
         copy_names: names that are copied from the live values on each averaging call instead of averaged.
@@ -101,10 +103,10 @@ def reference_ema(
     copy_names = set(copy_names)
     ema = {n: np.array(history[0][n], dtype=np.float64, copy=True) for n in names}
     n_every = int(update_every)
-    for k, d in enumerate(decays_per_step):
-        if (k + 1) % n_every != 0:
+    for k, d in enumerate(decays_per_step, start=1):  # k: the 1-based optimizer step
+        if k % n_every != 0:
             continue
-        live = history[k + 1]
+        live = history[k]
         dn = float(d) ** n_every
         for n in names:
             if n in copy_names:

@@ -94,7 +94,7 @@ def test_ema_equals_reference_for_each_schedule(tmp_path, decay_type, kw):
     for step, weights in rec.eval_weights.items():
         ref_k = reference_ema(np_hist(rec.history[: step + 1]), decays_for(decay_type, 0.8, step, 20, **kw))
         assert_close_to(weights, ref_k)
-    # The logged decay is the schedule's value at the logged step (0-based index step - 1).
+    # The logged decay is the schedule's value at the logged (1-based) step.
     logged = {h["step"]: h["ema_decay"] for h in trainer.state.log_history if "ema_decay" in h}
     assert sorted(logged) == list(range(1, 21))
     want = decays_for(decay_type, 0.8, 20, 20, **kw)
@@ -656,7 +656,7 @@ def test_from_params_supergradients_dict():
     assert cb.ema_kwargs["decay"] == 0.9999 and cb.ema_kwargs["decay_type"] == "exp"
     assert cb.ema_kwargs["beta"] == 15
     with pytest.raises(ValueError, match="decay"):
-        EMATrainerCallback.from_params({"decay": 2.0})
+        EMATrainerCallback.from_params({"decay": 2.0, "decay_type": "constant"})
     with pytest.raises(TypeError, match="ema_params"):
         EMATrainerCallback.from_params([("decay", 0.9)])
 

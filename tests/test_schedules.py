@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from reference import constant_decay, decays_for, exp_decay, threshold_decay, tiny_mlp
+from reference import constant_decay, decays_for, exp_decay, float_params, threshold_decay, tiny_mlp
 
 from hf_ema import EMA_DECAY_FUNCTIONS, EMAState, IDecayFunction
 
@@ -74,24 +75,24 @@ def test_exp_formula_on_grid(beta, decay, total):
     ],
 )
 def test_update_returns_schedule_value_each_step(decay_type, decay, extra):
-    """Through the engine: ``update()`` number k uses step k (0-based) and returns that step's decay."""
+    """Through the engine: the k-th ``update()`` uses step k (1-based) and returns that step's decay."""
     model = tiny_mlp()
     ema = EMAState(model, decay=decay, decay_type=decay_type, **extra)
     assert ema.decay_type == decay_type
     kw = {"beta": extra["beta"]} if "beta" in extra else {}
     expected = decays_for(decay_type, decay, 150, extra.get("total_steps"), **kw)
-    for k, want in enumerate(expected):
+    for k, want in enumerate(expected, start=1):
         got = ema.update()
         assert isinstance(got, float), type(got)
         assert _close(got, want), (k, got, want)
-        assert ema.step == k + 1
+        assert ema.step == k
         assert _close(ema.last_decay, want)
 
 
 def test_exp_default_beta_is_15():
     ema = EMAState(tiny_mlp(), decay=0.999, decay_type="exp", total_steps=200)
     got = [ema.update() for _ in range(30)]
-    assert all(_close(g, exp_decay(0.999, k, 200, beta=15.0)) for k, g in enumerate(got)), got
+    assert all(_close(g, exp_decay(0.999, k, 200, beta=15.0)) for k, g in enumerate(got, start=1)), got
 
 
 @pytest.mark.parametrize("beta", [15, 7])
@@ -102,10 +103,10 @@ def test_supergradients_style_dict(beta):
     assert ema.decay == 0.9999
     assert ema.decay_type == "exp"
     got = [ema.update() for _ in range(60)]
-    for k, g in enumerate(got):
+    for k, g in enumerate(got, start=1):
         assert _close(g, exp_decay(0.9999, k, 1000, beta=beta)), (k, g)
     if beta != 15:  # proves beta was passed, not the default
-        assert not _close(got[10], exp_decay(0.9999, 10, 1000, beta=15.0))
+        assert not _close(got[9], exp_decay(0.9999, 10, 1000, beta=15.0))
 
 
 def test_exp_without_total_steps_fails_at_construction():
@@ -132,7 +133,7 @@ def test_total_steps_is_settable():
     ema = EMAState(tiny_mlp(), decay=0.99, decay_type="exp", total_steps=10)
     ema.total_steps = 400
     got = [ema.update() for _ in range(5)]
-    assert all(_close(g, exp_decay(0.99, k, 400)) for k, g in enumerate(got)), got
+    assert all(_close(g, exp_decay(0.99, k, 400)) for k, g in enumerate(got, start=1)), got
 
 
 def test_unknown_decay_type_lists_known_names():
@@ -170,7 +171,7 @@ def test_registered_custom_schedule_by_name(monkeypatch):
     assert ema.decay_type == "linear"
     assert isinstance(ema.schedule, LinearDecay)
     got = [ema.update() for _ in range(30)]
-    for k, g in enumerate(got):
+    for k, g in enumerate(got, start=1):
         assert _close(g, _linear_ref(0.95, k, 20)), (k, g)
     # A registered name shows up in the "unknown name" error too.
     with pytest.raises(ValueError, match="linear"):
@@ -181,7 +182,7 @@ def test_custom_schedule_instance():
     sched = LinearDecay(warmup=4)
     ema = EMAState(tiny_mlp(), decay=0.8, decay_type=sched)
     got = [ema.update() for _ in range(8)]
-    for k, g in enumerate(got):
+    for k, g in enumerate(got, start=1):
         assert _close(g, _linear_ref(0.8, k, 4)), (k, g)
 
 
@@ -198,7 +199,7 @@ class _BadAfter(IDecayFunction):
 @pytest.mark.parametrize("bad_value", [1.5, -0.25, float("nan")])
 def test_schedule_outside_unit_interval_fails_at_that_update(bad_value):
     model = tiny_mlp()
-    ema = EMAState(model, decay=0.9, decay_type=_BadAfter(bad_value=bad_value, bad_step=3))
+    ema = EMAState(model, decay=0.9, decay_type=_BadAfter(bad_value=bad_value, bad_step=4))
     for _ in range(3):
         assert ema.update() == 0.5
     before = {k: v.clone() for k, v in ema.ema_state_dict().items()}
@@ -208,7 +209,8 @@ def test_schedule_outside_unit_interval_fails_at_that_update(bad_value):
     with pytest.raises(ValueError) as info:
         ema.update()
     msg = str(info.value)
-    assert "3" in msg or "step" in msg, msg  # says where
+    assert "step 4" in msg, msg  # says where: the 4th optimizer step
+    assert ema.step == 3 and ema.last_decay == 0.5  # a refused update counts nothing
     after = ema.ema_state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), f"{k} changed by a refused update"
@@ -238,3 +240,171 @@ def test_schedule_boundaries_zero_and_one_are_accepted():
     for name, p in model.named_parameters():
         assert torch.equal(fz[name], init[name])
         assert torch.equal(cp[name], p.detach())
+
+
+# ------------------------------------------------------------------------------- which arguments a schedule gets
+class OnlyWarmup(IDecayFunction):
+    """Takes ``warmup`` only: the default ``beta`` must not reach it (it used to fail with "unexpected 'beta'")."""
+
+    def __init__(self, warmup):
+        super().__init__(warmup=warmup)
+        self.warmup = warmup
+
+    def __call__(self, decay, step, total_steps):
+        return decay * min(1.0, step / self.warmup)
+
+
+class WarmupAndBeta(IDecayFunction):
+    def __init__(self, warmup, beta=1.0):
+        super().__init__(warmup=warmup, beta=beta)
+        self.warmup, self.beta = warmup, beta
+
+    def __call__(self, decay, step, total_steps):
+        return decay * min(1.0, self.beta * step / self.warmup)
+
+
+class NoSuperInit(IDecayFunction):
+    def __init__(self, warmup):  # does not call IDecayFunction.__init__
+        self.warmup = warmup
+
+    def __call__(self, decay, step, total_steps):
+        return decay * min(1.0, step / self.warmup)
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    for name, cls in (("only_warmup", OnlyWarmup), ("warmup_beta", WarmupAndBeta), ("linear", LinearDecay)):
+        monkeypatch.setitem(EMA_DECAY_FUNCTIONS, name, cls)
+    monkeypatch.setitem(EMA_DECAY_FUNCTIONS, "no_super", NoSuperInit)
+
+
+def test_schedule_gets_only_the_arguments_its_constructor_declares(registered):
+    ema = EMAState(tiny_mlp(), decay=0.9, decay_type="only_warmup", warmup=4)
+    assert ema.schedule.config() == {"warmup": 4}
+    assert [ema.update() for _ in range(5)] == pytest.approx([0.9 * min(1, k / 4) for k in range(1, 6)])
+    # An explicit beta (SuperGradients dicts carry one for any schedule) is dropped for it too.
+    assert EMAState(tiny_mlp(), decay=0.9, decay_type="only_warmup", warmup=4, beta=3).schedule.config() == {
+        "warmup": 4
+    }
+    # A constructor that names beta gets it (default or given); a **kwargs one gets everything.
+    assert EMAState(tiny_mlp(), decay=0.9, decay_type="warmup_beta", warmup=4).schedule.beta == 15.0
+    assert EMAState(tiny_mlp(), decay=0.9, decay_type="warmup_beta", warmup=4, beta=2).schedule.beta == 2
+    lin = EMAState(tiny_mlp(), decay=0.9, decay_type="linear", warmup=4, anything=1).schedule
+    assert lin.kwargs == {"beta": 15.0, "warmup": 4, "anything": 1}
+    # The built-in schedules take what they use only.
+    assert EMAState(tiny_mlp(), decay=0.9, decay_type="threshold", beta=3).schedule.config() == {}
+
+
+def test_schedule_without_base_init_is_saved_with_its_arguments(registered, tmp_path):
+    model = tiny_mlp()
+    ema = EMAState(model, decay=0.9, decay_type="no_super", warmup=3)
+    ema.update()
+    ema.save(tmp_path)
+    back = EMAState.load(tmp_path, tiny_mlp())
+    assert back.decay_type == "no_super" and back.schedule.warmup == 3 and back.step == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"decy": 0.9},
+            r"'decy' \(did you mean 'decay'\?\).*schedule 'constant' \(ConstantDecay\) takes no extra",
+        ),
+        (
+            {"decay_type": "exp", "total_steps": 9, "betta": 3},
+            r"'betta' \(did you mean 'beta'\?\).*takes 'beta'",
+        ),
+        ({"decay_type": "only_warmup", "warmup": 2, "warmpu": 3}, r"'warmpu' \(did you mean 'warmup'\?\)"),
+        ({"update_evry": 2}, r"'update_evry' \(did you mean 'update_every'\?\)"),
+        ({"zzz": 1}, r"Unexpected argument 'zzz': it is not an option of EMAState"),
+    ],
+)
+def test_argument_nobody_takes_is_named_with_a_suggestion(registered, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EMAState(tiny_mlp(), **kwargs)
+    from hf_ema import EMATrainerCallback
+
+    with pytest.raises(ValueError, match=match):
+        EMATrainerCallback(**kwargs)
+
+
+def test_missing_required_schedule_argument_is_named(registered):
+    with pytest.raises(
+        ValueError, match=r"schedule 'only_warmup' \(OnlyWarmup\) needs the argument\(s\) 'warmup'"
+    ):
+        EMAState(tiny_mlp(), decay=0.9, decay_type="only_warmup")
+
+
+def test_schedule_instance_with_extra_arguments_is_refused():
+    with pytest.raises(ValueError, match=r"'warmup'.*already built schedule"):
+        EMAState(tiny_mlp(), decay=0.9, decay_type=LinearDecay(warmup=4), warmup=10)
+    # beta is the EMA's own argument: accepted with an instance, not passed to it.
+    EMAState(tiny_mlp(), decay=0.9, decay_type=LinearDecay(warmup=4), beta=3)
+
+
+# ------------------------------------------------------------------------------- update_every: interval_decay
+class ProductOverInterval(IDecayFunction):
+    """Overrides interval_decay with the product of the per-step decays of the interval; records its calls."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def __call__(self, decay, step, total_steps):
+        return min(decay, (1 + step) / (10 + step))
+
+    def interval_decay(self, decay, step, total_steps, interval):
+        self.calls.append((decay, step, total_steps, interval))
+        return math.prod(self(decay, s, total_steps) for s in range(step - interval + 1, step + 1))
+
+
+def test_update_every_uses_interval_decay_on_averaging_steps_only():
+    model = tiny_mlp(seed=3)
+    sched = ProductOverInterval()
+    ema = EMAState(model, decay=0.95, decay_type=sched, update_every=3, total_steps=99)
+    gen = torch.Generator().manual_seed(1)
+    hist = [float_params(model)]
+    returned = []
+    for _ in range(10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        returned.append(ema.update())
+        hist.append(float_params(model))
+    assert sched.calls == [(0.95, 3, 99, 3), (0.95, 6, 99, 3), (0.95, 9, 99, 3)]
+    assert returned == [threshold_decay(0.95, k) for k in range(1, 11)]  # update() returns the step's decay
+    assert ema.step == 10 and ema.num_updates == 3
+    # Float64 reference: at step k in (3, 6, 9) the EMA moves with D = prod of threshold over k-2..k.
+    expected = {n: v.copy() for n, v in hist[0].items()}
+    for k in (3, 6, 9):
+        big_d = math.prod(threshold_decay(0.95, s) for s in range(k - 2, k + 1))
+        expected = {n: v * big_d + hist[k][n] * (1 - big_d) for n, v in expected.items()}
+    got = ema.ema_state_dict()
+    for n, v in expected.items():
+        np.testing.assert_allclose(got[n].double().numpy(), v, rtol=1e-5, atol=1e-6)
+    power = {n: v.copy() for n, v in hist[0].items()}  # the default (d**N) would give another EMA
+    for k in (3, 6, 9):
+        dn = threshold_decay(0.95, k) ** 3
+        power = {n: v * dn + hist[k][n] * (1 - dn) for n, v in power.items()}
+    assert max(np.abs(power[n] - expected[n]).max() for n in expected) > 1e-3
+
+
+def test_default_interval_decay_is_the_step_decay_to_the_power():
+    fn = EMA_DECAY_FUNCTIONS["threshold"]()
+    assert _close(fn.interval_decay(0.99, 7, None, 4), threshold_decay(0.99, 7) ** 4)
+    assert _close(
+        EMA_DECAY_FUNCTIONS["exp"](beta=3).interval_decay(0.9, 5, 50, 2), exp_decay(0.9, 5, 50, 3) ** 2
+    )
+
+
+def test_interval_decay_outside_unit_interval_is_refused_and_counts_nothing():
+    class Bad(ProductOverInterval):
+        def interval_decay(self, decay, step, total_steps, interval):
+            return 1.5
+
+    ema = EMAState(tiny_mlp(), decay=0.9, decay_type=Bad(), update_every=2)
+    ema.update()
+    with pytest.raises(ValueError, match=r"1\.5 at step 2 \(interval_decay over 2 steps\)"):
+        ema.update()
+    assert ema.step == 1 and ema.num_updates == 0

@@ -281,14 +281,12 @@ def test_update_every(n_every):
     gen = torch.Generator().manual_seed(7)
     history = [float_params(model)]
     calls = 11
-    for k in range(calls):
+    for k in range(1, calls + 1):  # k: the 1-based optimizer step
         perturb_(model, gen, 0.1)
         got = ema.update()
         history.append(float_params(model))
-        averaged = (k + 1) % n_every == 0
-        if averaged:
-            assert math.isclose(got, threshold_decay(0.95, k), rel_tol=1e-12), (k, got)
-        if k + 1 < n_every:  # no averaging yet: EMA untouched, bitwise
+        assert math.isclose(got, threshold_decay(0.95, k), rel_tol=1e-12), (k, got)
+        if k < n_every:  # no averaging yet: EMA untouched, bitwise
             assert_bitwise_equal(
                 {k2: bits(v) for k2, v in ema.ema_state_dict().items()},
                 {k2: bits(v) for k2, v in init.items()},
@@ -681,7 +679,7 @@ def test_numpy_scalars_are_accepted():
     assert ema.update_every == 2 and ema.total_steps == 40
     ema.update()
     got = ema.update()
-    assert math.isclose(got, float(np.float32(0.5)) * (1 - math.exp(-15.0 * 1 / 40)), rel_tol=1e-12)
+    assert math.isclose(got, float(np.float32(0.5)) * (1 - math.exp(-15.0 * 2 / 40)), rel_tol=1e-12)  # step 2
 
 
 def test_device_argument_matches_the_parameters_device_by_type_and_index():
@@ -703,7 +701,10 @@ def test_skip_to_continues_the_schedule_without_averaging():
     ema.skip_to(10)
     assert (ema.step, ema.num_updates) == (10, 5)
     assert all(torch.equal(ema.ema_state_dict()[k], v) for k, v in before.items())  # nothing averaged
-    assert ema.update() == threshold_decay(0.999, 10)  # the schedule goes on at step 10
+    assert ema.update() == threshold_decay(0.999, 11)  # the schedule goes on at step 11 (10 done + this one)
+    assert (ema.step, ema.num_updates) == (11, 5)
+    assert ema.update() == threshold_decay(0.999, 12)
+    assert (ema.step, ema.num_updates) == (12, 6)  # step 12 is an averaging step of update_every=2
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="step"):
             ema.skip_to(bad)
