@@ -173,6 +173,13 @@ class EMATrainerCallback(TrainerCallback):
         eval_both: After each EMA evaluation, also evaluate the training weights and report their metrics under
             ``raw_prefix`` (needs the Trainer: found automatically inside ``Trainer.train``, or see :meth:`bind`).
         raw_prefix: Metric prefix of the training weights' evaluation, e.g. ``eval_raw_loss``.
+        reference_batch_size: The effective batch ``B_ref`` that ``decay`` is meant for: each optimizer step then
+            applies ``d ** (B / B_ref)`` (the EMA scaling rule of Busbridge et al. 2023, arXiv:2307.13813), with
+            ``B`` the Trainer's effective batch (per-device batch x gradient accumulation x data-parallel
+            processes), so the horizon in samples survives a change of GPUs or accumulation, also on resume.
+        batch_size: Overrides the Trainer's effective batch ``B`` (samples per optimizer step).
+        time_unit: ``"samples"``: the schedule counts its steps in samples / ``reference_batch_size``.
+        strict_batch_size: Refuse to resume an EMA saved with another effective batch size, instead of rescaling.
         **schedule_kwargs: Passed to the schedule's constructor (as in SuperGradients' ``ema_params``).
 
     Raises:
@@ -204,6 +211,10 @@ class EMATrainerCallback(TrainerCallback):
         replace_at_end: bool = True,
         eval_both: bool = False,
         raw_prefix: str = "eval_raw",
+        reference_batch_size: int | None = None,
+        batch_size: int | None = None,
+        time_unit: str = "steps",
+        strict_batch_size: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         for name, value in (
@@ -235,9 +246,20 @@ class EMATrainerCallback(TrainerCallback):
             "device": device,
             **schedule_kwargs,
         }
+        # The EMA scaling rule's settings, only when set (a callback without them has the same ema_kwargs).
+        if reference_batch_size is not None:
+            self.ema_kwargs["reference_batch_size"] = reference_batch_size
+        if batch_size is not None:
+            self.ema_kwargs["batch_size"] = batch_size
+        if time_unit != "steps":
+            self.ema_kwargs["time_unit"] = time_unit
+        if strict_batch_size is not False:
+            self.ema_kwargs["strict_batch_size"] = strict_batch_size
         # The EMA is built when training starts (it needs the prepared model). Validate every setting now, with
         # EMAState's own checks, on a one-weight stand-in model, so bad input fails before training.
         probe = {**self.ema_kwargs, "device": None, "total_steps": 1 if total_steps is None else total_steps}
+        if batch_size is None and reference_batch_size is not None:
+            probe["batch_size"] = reference_batch_size  # the real one comes from the Trainer at train begin
         EMAState(nn.Linear(1, 1), **probe)
         self.total_steps = total_steps
         self.replace_at_end = replace_at_end
@@ -328,14 +350,50 @@ class EMATrainerCallback(TrainerCallback):
         total = self.total_steps
         if total is None and state.max_steps and state.max_steps > 0:
             total = int(state.max_steps)
-        self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total})
+        batch = self.ema_kwargs.get("batch_size") or self._trainer_batch_size(args)
+        self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total, "batch_size": batch})
         self._saved_at_step = None
         if state.global_step > 0:
             self._restore_for_resume(args, state, resume)
+        self._log_horizon()
         self._set_log_hook(installed=True)
         self._training = True
         if getattr(args, "eval_on_start", False):
             self._swap_in_for_eval()
+
+    def _trainer_batch_size(self, args: TrainingArguments) -> int | None:
+        """The Trainer's effective batch: samples per optimizer step over all data-parallel processes.
+
+        ``Trainer.get_total_train_batch_size(args)`` where it exists (transformers >= 4.57: it divides out tensor,
+        context and sequence parallelism and follows ``auto_find_batch_size``), else
+        ``args.train_batch_size x args.gradient_accumulation_steps x args.world_size``.
+        """
+        trainer = self.trainer
+        get_total = getattr(trainer, "get_total_train_batch_size", None)
+        try:
+            if callable(get_total):
+                return int(get_total(args))
+            return int(args.train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    def _log_horizon(self) -> None:
+        """One INFO line at train start: the EMA's horizon at its maximum decay, in optimizer steps and samples."""
+        if self.ema is None:
+            return
+        h = self.ema.horizon()
+        parts = [f"decay {h['decay']:.6g}"]
+        if h["reference_batch_size"] is not None:
+            parts.append(
+                f"{h['step_decay']:.6g} per optimizer step at batch {h['batch_size']} "
+                f"(reference batch {h['reference_batch_size']})"
+            )
+        if h["update_every"] > 1:
+            parts.append(f"{h['applied_decay']:.6g} applied every {h['update_every']} steps")
+        samples = "" if h["samples"] is None else f" = {h['samples']:.6g} samples"
+        logger.info(
+            "EMA horizon 1/(1 - decay): %.6g optimizer steps%s (%s)", h["steps"], samples, "; ".join(parts)
+        )
 
     def _set_log_hook(self, installed: bool) -> None:
         """Put the ``ema_decay`` log hook at the head of the Trainer's callback list, or take it out."""
