@@ -154,10 +154,10 @@ def _reference_steps(samples: int, reference_batch_size: int) -> int | float:
     return q if r == 0 else samples / reference_batch_size
 
 
-def _samples_horizon(decay: float, batch_size: int, reference_batch_size: int) -> float:
-    """``batch_size / (1 - decay ** (batch_size / reference_batch_size))``: the horizon, in samples."""
-    step_decay = decay ** (batch_size / reference_batch_size)
-    return math.inf if step_decay >= 1.0 else batch_size / (1.0 - step_decay)
+def _samples_horizon(decay: float, batch_size: int, reference_batch_size: int, update_every: int) -> float:
+    """``N * B / (1 - decay ** (N * B / B_ref))``: the horizon in samples (as :meth:`EMAState.horizon`)."""
+    applied = decay ** (update_every * batch_size / reference_batch_size)
+    return math.inf if applied >= 1.0 else update_every * batch_size / (1.0 - applied)
 
 
 def _batch_size_from_accelerator(accelerator: Any) -> tuple[int | None, str]:
@@ -528,11 +528,14 @@ class EMAState:
         self._batch_size = size
 
     def horizon(self, decay: float | None = None) -> dict[str, Any]:
-        """The EMA's averaging horizon, ``1 / (1 - decay per optimizer step)``, in optimizer steps and samples.
+        """The EMA's averaging horizon, ``1 / (1 - decay)``, in optimizer steps and in samples.
 
         With ``kappa = batch_size / reference_batch_size`` (1 without a reference batch) and ``N = update_every``:
         ``step_decay = decay ** kappa`` (per optimizer step), ``applied_decay = decay ** (kappa * N)`` (per
-        averaging, every N steps), ``steps = 1 / (1 - step_decay)`` and ``samples = steps * batch_size``.
+        averaging, every N steps), ``steps = N / (1 - applied_decay)`` (``1 / (1 - step_decay)`` for ``N = 1``:
+        the age, in optimizer steps, at which a weight's share has fallen by about ``e``) and
+        ``samples = steps * batch_size``. With the scaling rule ``samples`` stays ~``B_ref / (1 - decay)`` whatever
+        the batch size.
 
         Args:
             decay: A decay of the schedule at the reference batch; default: the maximum ``decay``, which the
@@ -552,12 +555,13 @@ class EMAState:
         d = self.decay if decay is None else _checked_decay(decay, self.schedule, self.step)
         b, b_ref = self._batch_size, self.reference_batch_size
         kappa = 1.0 if b_ref is None or b is None else b / b_ref
-        step_decay = d**kappa
-        steps = math.inf if step_decay >= 1.0 else 1.0 / (1.0 - step_decay)
+        n = self.update_every
+        applied = d ** (kappa * n)
+        steps = math.inf if applied >= 1.0 else n / (1.0 - applied)
         return {
             "decay": d,
-            "step_decay": step_decay,
-            "applied_decay": d ** (kappa * self.update_every),
+            "step_decay": d**kappa,
+            "applied_decay": applied,
             "update_every": self.update_every,
             "steps": steps,
             "samples": None if b is None else steps * b,
@@ -873,7 +877,7 @@ class EMAState:
             raise ValueError(f"Malformed EMA meta (needs an integer 'step' and valid options): {e}") from e
         saved_kwargs = meta.get("schedule_kwargs") or {}
         decay = _check_decay(meta["decay"]) if meta.get("decay") is not None else self.decay
-        batch = self._read_batch_meta(meta, step, decay)
+        batch = self._read_batch_meta(meta, step, decay, update_every)
         decay_type = meta.get("decay_type", self.decay_type)
         mine = (self.decay, self.decay_type, self.update_every, _jsonable(self.schedule.config()))
         saved = (decay, decay_type, update_every, saved_kwargs)
@@ -900,7 +904,7 @@ class EMAState:
         self.reference_batch_size, self.time_unit, self._batch_size, self.samples_seen = batch
 
     def _read_batch_meta(
-        self, meta: Mapping[str, Any], step: int, decay: float
+        self, meta: Mapping[str, Any], step: int, decay: float, update_every: int
     ) -> tuple[int | None, str, int | None, int | None]:
         """Check the saved batch settings against this run's (nothing is changed here); log the rescaling.
 
@@ -960,9 +964,9 @@ class EMAState:
                     now,
                     ref,
                     now / ref,
-                    _samples_horizon(decay, now, ref),
+                    _samples_horizon(decay, now, ref, update_every),
                     decay,
-                    _samples_horizon(decay, saved_b, ref),
+                    _samples_horizon(decay, saved_b, ref, update_every),
                 )
             else:
                 logger.info(

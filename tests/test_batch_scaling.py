@@ -1,6 +1,6 @@
 """The EMA scaling rule: a horizon in samples, not optimizer steps (issue 10, item 3).
 
-Busbridge et al. 2023, "How to Scale Your EMA" (arXiv:2307.13813), Definition 1.2 (EMA Scaling Rule): when the
+Busbridge et al. 2023, "How to Scale Your EMA" (arXiv:2307.13813), "EMA Scaling Rule": when the
 batch size is multiplied by ``kappa``, the EMA momentum ``rho`` becomes ``rho ** kappa``. Here ``kappa =
 B / B_ref`` with ``B`` the effective batch (samples per optimizer step) and ``B_ref`` the ``reference_batch_size``
 that ``decay`` was chosen for. With ``time_unit="samples"`` the schedule is evaluated at ``samples / B_ref``.
@@ -40,7 +40,7 @@ SCHEDULES = {"constant": constant_decay, "threshold": threshold_decay, "exp": ex
 
 
 def scaled_momentum(rho: float, kappa: float) -> float:
-    """Busbridge et al. 2023, Definition 1.2: scaling the batch by ``kappa`` turns momentum ``rho`` into
+    """Busbridge et al. 2023, EMA Scaling Rule: scaling the batch by ``kappa`` turns momentum ``rho`` into
     ``rho ** kappa``."""
     return float(rho) ** float(kappa)
 
@@ -200,13 +200,15 @@ def test_horizon_in_steps_and_samples():
     assert h["decay"] == 0.999 and h["batch_size"] == 1024 and h["reference_batch_size"] == 256
     assert math.isclose(h["step_decay"], step_decay, rel_tol=1e-12)
     assert math.isclose(h["applied_decay"], step_decay**4, rel_tol=1e-12)  # every 4 steps: d ** (kappa * N)
-    assert math.isclose(h["steps"], 1 / (1 - step_decay), rel_tol=1e-12)
-    assert math.isclose(h["samples"], 1024 / (1 - step_decay), rel_tol=1e-12)
-    # The same horizon in samples, within 0.2%, as the reference batch at decay 0.999: the point of the rule.
-    assert math.isclose(h["samples"], 256 / (1 - 0.999), rel_tol=2e-3)
+    assert math.isclose(h["steps"], 4 / (1 - step_decay**4), rel_tol=1e-12)  # N / (1 - applied decay)
+    assert math.isclose(h["samples"], 4 * 1024 / (1 - step_decay**4), rel_tol=1e-12)
+    # About the same horizon in samples (within 1%) as the reference batch alone at decay 0.999: the point of the rule.
+    assert math.isclose(h["samples"], 256 / (1 - 0.999), rel_tol=1e-2)
     plain = EMAState(tiny_mlp(), decay=0.9, update_every=2).horizon()
     assert (
-        plain["samples"] is None and math.isclose(plain["steps"], 10.0) and plain["applied_decay"] == 0.9**2
+        plain["samples"] is None
+        and math.isclose(plain["steps"], 2 / (1 - 0.9**2))
+        and plain["applied_decay"] == 0.9**2
     )
 
 
@@ -417,7 +419,7 @@ def test_trainer_callback_takes_the_batch_from_training_arguments(tmp_path, capl
     assert far_from(cb.ema.state_dict()["ema"], reference_ema(_np(rec.history), [0.8] * 6, update_every=2))
     lines = [r.getMessage() for r in caplog.records if "EMA horizon" in r.getMessage()]
     assert len(lines) == 1, lines
-    steps = 1 / (1 - 0.8**2)
+    steps = 2 / (1 - 0.8**4)  # update_every / (1 - decay ** (kappa * update_every))
     assert f"{steps:.6g} optimizer steps = {steps * 8:.6g} samples" in lines[0]
     assert f"{0.8**4:.6g} applied every 2 steps" in lines[0] and "reference batch 4" in lines[0]
 
