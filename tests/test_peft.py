@@ -18,6 +18,7 @@ import torch
 from _trainer_utils import Recorder, ToyDataset, training_args
 from reference import decays_for, drive, reference_ema, tiny_bert
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, Trainer
 
 from hf_ema import EMAState, EMATrainerCallback, load_model
@@ -166,13 +167,19 @@ def test_load_model_reads_a_peft_checkpoint(run, caplog):
     assert_close(dict(explicit.named_parameters()), run["ref"])
 
 
-def test_load_model_on_an_ema_net_written_without_adapter_files(run, tmp_path):
-    """Checkpoints written before ema_net held adapter files (PeftModel names, config.json beside them)."""
+@pytest.mark.parametrize("names", ["peft_model", "adapters_added_in_place"])
+def test_load_model_on_an_ema_net_written_without_adapter_files(run, tmp_path, names):
+    """Checkpoints written before ema_net held adapter files (PeftModel names, config.json beside them); or the
+    names of a model that got its adapter in place (transformers' ``add_adapter``: no ``base_model.model.``)."""
     ckpt = tmp_path / "old"
     shutil.copytree(run["ckpt"], ckpt)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (ckpt / "ema_net" / name).unlink(missing_ok=True)
     shutil.copy(run["base"] / "config.json", ckpt / "ema_net" / "config.json")
+    if names == "adapters_added_in_place":
+        weights = ckpt / "ema_net" / "model.safetensors"
+        tensors = load_file(str(weights))
+        save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, str(weights))
     model = load_model(AutoModelForSequenceClassification, ckpt)
     assert isinstance(model, peft.PeftModel)
     assert_close(dict(model.named_parameters()), run["ref"])
