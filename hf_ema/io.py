@@ -2,10 +2,12 @@
 
 Layout of ``<dir>/ema_net/``:
 
-* ``model.safetensors``: the EMA weights under the model's own state-dict names, so that for a
-  ``PreTrainedModel`` the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
+* ``model.safetensors``: the EMA weights under the model's own state-dict names (what resuming reads);
 * ``ema_state.json``: step count, schedule and arguments, library version (everything to resume exactly);
-* ``config.json``: the model's Hugging Face config, when it has one.
+* ``config.json``: the model's Hugging Face config, only when ``model.safetensors`` is the complete model under the
+  names ``from_pretrained`` reads, so that the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
+* for a PEFT model, ``adapter_model.safetensors`` + ``adapter_config.json`` (see :mod:`hf_ema.adapters`), so that
+  ``PeftModel.from_pretrained(base, <dir>/ema_net)`` loads the EMA adapter.
 
 The folder is first written next to its final place under a temporary name, then renamed into place, so a crash
 mid-save leaves either the previous ``ema_net`` or the new one, never a half-written folder that loads.
@@ -19,7 +21,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,21 @@ EMA_DIRNAME = "ema_net"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "ema_state.json"
 CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
 class EMAFileError(ValueError):
     """An ``ema_net`` folder is missing, incomplete or corrupt."""
+
+
+def summarize_names(names: Iterable[str], limit: int = 5) -> str:
+    """``'a', 'b', 'c' and 12 more (15 in all)`` for error messages: the first ``limit`` names and a count."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    if len(names) <= limit:
+        return shown
+    return f"{shown} and {len(names) - limit} more ({len(names)} in all)"
 
 
 def _ema_dir(path: str | os.PathLike) -> Path:
@@ -104,14 +117,23 @@ def save_ema_net(
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     config: Any = None,
+    files: Mapping[str, Mapping[str, torch.Tensor] | str] | None = None,
 ) -> Path:
     """Write ``directory/ema_net/`` atomically.
+
+    ``config.json`` is written only when ``tensors`` are a complete model that ``from_pretrained(ema_net)`` reads
+    under its own names: not when ``meta["trainable_only"]`` is true (part of the model only: ``from_pretrained``
+    would quietly initialise the rest at random) and not when ``files`` hold an ``adapter_config.json`` (a PEFT
+    model: its names are ``base_model.model.…``, which the base class does not read; the adapter files are what
+    loads). Without it, ``from_pretrained(ema_net)`` fails loudly instead.
 
     Args:
         directory: The checkpoint folder (created if missing); the EMA goes to its ``ema_net`` sub-folder.
         tensors: EMA weights under the model's state-dict names.
         meta: JSON-serialisable state (step, schedule, arguments).
-        config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional).
+        config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional, see above).
+        files: More files for the folder, by path relative to it (e.g. ``"adapter_model.safetensors"``, or
+            ``"other/adapter_config.json"``): a mapping of tensors is written as safetensors, a string as text.
 
     Returns:
         The path of the ``ema_net`` folder.
@@ -124,6 +146,17 @@ def save_ema_net(
     """
     from safetensors.torch import save_file
 
+    files = dict(files or {})
+    for rel in files:
+        bad = (
+            Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+            or rel in (WEIGHTS_NAME, STATE_NAME, CONFIG_NAME)
+        )
+        if bad or not Path(rel).parts:
+            raise ValueError(f"save_ema_net: extra file {rel!r} must be a new relative path inside ema_net")
+    adapter = any(Path(rel).name == ADAPTER_CONFIG_NAME for rel in files)
+    complete = not meta.get("trainable_only", False) and not adapter
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / EMA_DIRNAME
@@ -134,11 +167,18 @@ def save_ema_net(
         save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         text = json.dumps(dict(meta), indent=2, sort_keys=True)
         atomic_write_text(tmp / STATE_NAME, text)
-        if config is not None and hasattr(config, "to_json_string"):
+        if complete and config is not None and hasattr(config, "to_json_string"):
             atomic_write_text(tmp / CONFIG_NAME, config.to_json_string())
-        for f in tmp.iterdir():  # data on disk before the folder becomes visible under its real name
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for rel, content in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                atomic_write_text(tmp / rel, content)
+            else:
+                save_file(_contiguous_cpu(content), str(tmp / rel), metadata={"format": "pt"})
+        for f in tmp.rglob("*"):  # data on disk before the folder becomes visible under its real name
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)

@@ -709,7 +709,9 @@ class EMAState:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically.
 
-        On several processes every rank must call it (shards are gathered); only the main process writes.
+        For a ``peft.PeftModel`` it also holds the EMA adapter as PEFT writes one (``adapter_model.safetensors``,
+        ``adapter_config.json``: see :mod:`hf_ema.adapters`). On several processes every rank must call it (shards
+        are gathered); only the main process writes.
 
         Example:
             >>> import tempfile
@@ -720,7 +722,12 @@ class EMAState:
         tensors = self.ema_state_dict()
         path = Path(directory) / "ema_net"
         if dist_utils.is_main_process():
-            path = save_ema_net(directory, tensors, self._meta(), getattr(self.model, "config", None))
+            from .adapters import peft_adapter_files
+
+            files = peft_adapter_files(self.model, tensors)
+            path = save_ema_net(
+                directory, tensors, self._meta(), getattr(self.model, "config", None), files=files
+            )
         return path
 
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
