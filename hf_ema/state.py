@@ -208,6 +208,12 @@ class EMAState:
     Averaging runs as one ``torch._foreach_*`` call per (device, dtype) group over cached tensor lists, with no
     host-device synchronisation. On sharded models (FSDP2, ZeRO-3) each process averages only its own shard.
 
+    The EMA follows the model's tensors: when they are moved, cast, re-assigned or sharded after it was built
+    (``model.to(...)``, ``param.data = ...``, ``accelerator.prepare`` on a GPU, ``fully_shard``, ZeRO-3), the next
+    call re-binds to them, keeping the EMA's values (a cheap check on every call, one INFO log line per re-bind).
+    Tracked names or shapes that change (``resize_token_embeddings``, ``get_peft_model`` after building the EMA)
+    raise a ``ValueError`` naming them.
+
     Args:
         model: The model (wrapped or not: DDP, ``torch.compile`` and Accelerate wrappers are removed).
         decay: Maximum decay, strictly in (0, 1).
@@ -221,7 +227,8 @@ class EMAState:
         buffers: Floating-point buffers are ``"average"``-d (as SuperGradients does), ``"copy"``-ed, or
             ``"ignore"``-d. Integer buffers (e.g. ``num_batches_tracked``) are always copied, never averaged.
         trainable_only: Track only parameters with ``requires_grad`` (e.g. LoRA adapters), and no buffers.
-        device: Keep the EMA on this device (e.g. ``"cpu"`` to offload); default: next to each parameter.
+        device: Keep the EMA on this device (e.g. ``"cpu"`` to offload); default: next to each parameter. A device
+            this machine lacks (``"cuda"`` without CUDA) is refused here.
         accelerator: An ``accelerate.Accelerator``: used to unwrap the model, to skip optimizer steps it reports
             as skipped (fp16 overflow), and to save/load the EMA with ``save_state`` / ``load_state``.
         side_stream: On CUDA, run the update on a side stream; it is joined before the next optimizer step
@@ -511,8 +518,15 @@ class EMAState:
         ``ValueError`` naming them.
         """
         self.wait()
-        slots = {n: (mod, attr, t) for n, mod, attr, t in _param_slots(self.model)}
-        slots.update({n: (mod, attr, t) for n, mod, attr, t in _buffer_slots(self.model)})
+        # every name the model's state_dict has, also a second name of a shared tensor or module (a tracked name
+        # may have become one: weights tied after the EMA was built)
+        slots: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+            prefix = f"{mod_name}." if mod_name else ""
+            non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+            for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                if t is not None and attr not in non_persistent:
+                    slots.setdefault(prefix + attr, (mod, attr, t))
         fsdp = _fsdp2_sharded(self.model)
         tracked = set(self._names)
         missing = [e.name for e in self._entries if e.name not in slots]
@@ -630,6 +644,7 @@ class EMAState:
     def is_sharded(self) -> bool:
         """Whether some tracked tensor is split across processes (FSDP2, ZeRO-3): :meth:`save` and
         :meth:`ema_state_dict` then gather, which every rank must join."""
+        self._check_bindings()
         return any(dist_utils.is_sharded(e.source) for e in self._entries)
 
     def num_bytes(self) -> int:

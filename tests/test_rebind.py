@@ -110,6 +110,22 @@ def test_replaced_submodule_with_same_shapes_is_followed():
         assert torch.equal(model[2].weight.detach(), sd["2.weight"])
 
 
+def test_weights_tied_after_build_share_one_ema():
+    """``b.weight = a.weight`` after the EMA was built: both names now denote one tensor; the EMA keeps averaging it
+    once (the first name's EMA), under both names, as the model's state_dict has both."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    h0 = float_params(model)
+    ema = EMAState(model, decay=DECAY)
+    model[2].weight = model[0].weight
+    history = [h0, *drive(ema, model, 5, seed=15)]  # the tied tensor appears once, as 0.weight
+    assert "2.weight" not in history[1]
+    assert_ema(ema, [{k: v for k, v in h.items() if k != "2.weight"} for h in history])
+    sd = ema.ema_state_dict()
+    assert torch.equal(sd["2.weight"], sd["0.weight"])
+    assert ema.num_bytes() == (16 + 4 + 4) * 4
+
+
 def test_model_cast_inside_average_parameters():
     """Re-binding while the EMA is swapped in: the block's exit puts the training weights into the model's new
     tensors, and the EMA keeps its values."""
