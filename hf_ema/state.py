@@ -478,16 +478,20 @@ class EMAState:
             dicts.append(e.owner._parameters if e.kind == "param" else e.owner._buffers)
             keys.append(e.attr)
         objs = [d.get(k) for d, k in zip(dicts, keys, strict=True)]
+        # the local tensor's address, read the cheapest way per kind (``local_tensor`` costs ~1 us a call)
+        dts = [e.source for e in self._entries if dist_utils.is_dtensor(e.source)]
+        z3s = [e.source for e in self._entries if dist_utils.is_zero3_param(e.source)]
         plain = [e.source for e in self._entries if not dist_utils.is_sharded(e.source)]
-        sharded = [e.source for e in self._entries if dist_utils.is_sharded(e.source)]
         self._bound = (
             dicts,
             keys,
             objs,
             plain,
             [t.data_ptr() for t in plain],
-            sharded,
-            [dist_utils.local_tensor(t).data_ptr() for t in sharded],
+            dts,
+            [t._local_tensor.data_ptr() for t in dts],
+            z3s,
+            [t.ds_tensor.data_ptr() for t in z3s],
         )
 
     def _check_bindings(self) -> None:
@@ -499,11 +503,12 @@ class EMAState:
         local tensor: no host-device sync; the old storage stays alive through ``_Entry.live``, so a new tensor
         never gets its address); on a difference, :meth:`_rebind` re-binds or raises.
         """
-        dicts, keys, objs, plain, plain_ptrs, sharded, sharded_ptrs = self._bound
+        dicts, keys, objs, plain, plain_ptrs, dts, dt_ptrs, z3s, z3_ptrs = self._bound
         if (
             all(map(operator.is_, map(dict.get, dicts, keys), objs))
             and list(map(_data_ptr, plain)) == plain_ptrs
-            and (not sharded or [dist_utils.local_tensor(t).data_ptr() for t in sharded] == sharded_ptrs)
+            and (not dts or [t._local_tensor.data_ptr() for t in dts] == dt_ptrs)
+            and (not z3s or [t.ds_tensor.data_ptr() for t in z3s] == z3_ptrs)
         ):
             return
         self._rebind()
@@ -582,6 +587,8 @@ class EMAState:
                     "Build the EMAState after the model is sharded (after fully_shard / accelerator.prepare)."
                 )
             layouts.append(now and not was)
+        # where each EMA goes (may refuse: device= pins another accelerator), before anything is changed
+        places = [self._placement(e.name, live, e.mode) for e, _, _, _, live in changes]
         swapped = self._swapped
         if swapped:
             # Replaced inside average_parameters(): the model's new tensors hold the EMA (and whatever the block wrote
@@ -595,8 +602,7 @@ class EMAState:
                 _merge_into(e.live, live)
             self._swap_out()
         moved = []
-        for (e, mod, attr, t, live), cut in zip(changes, layouts, strict=True):
-            dtype, device = self._placement(e.name, live, e.mode)
+        for (e, mod, attr, t, live), cut, (dtype, device) in zip(changes, layouts, places, strict=True):
             values = dist_utils.shard_like(t, e.ema) if cut else e.ema
             if values is e.ema and e.ema.dtype == dtype and e.ema.device == device and e.alias is None:
                 ema = e.ema

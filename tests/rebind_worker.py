@@ -76,6 +76,11 @@ def run_fsdp(out: Path, rank: int) -> dict:
         "is_sharded": ema.is_sharded,
     }
     save_tensors(out / f"fsdp_local_rank{rank}.safetensors", ema.state_dict()["ema"])
+    # while a module is unsharded, FSDP2 registers plain full-size parameters on it: not a re-bind
+    m[0].unshard()
+    info["unsharded_type"] = type(m[0].weight).__name__
+    info["local_shapes_while_unsharded"] = {k: list(v.shape) for k, v in ema.state_dict()["ema"].items()}
+    m[0].reshard()
     gathered = ema.ema_state_dict()
     ema.save(out / "fsdp_ckpt")
     # evaluation on the shards, training weights back after

@@ -289,6 +289,10 @@ def _check_sharded_run(out: Path, info: dict[int, dict], prefix: str) -> None:
 def test_fully_shard_after_construction(tmp_path):
     info = _launch("fsdp", tmp_path)
     _check_sharded_run(tmp_path, info, "fsdp")
+    for r in (0, 1):
+        local = load_file(str(tmp_path / f"fsdp_local_rank{r}.safetensors"))
+        assert info[r]["unsharded_type"] != "DTensor"
+        assert info[r]["local_shapes_while_unsharded"] == {k: list(v.shape) for k, v in local.items()}
     assert_shards_stack_to(
         load_file(str(tmp_path / "fsdp_gathered.safetensors")), tmp_path, "fsdp_local_rank"
     )
