@@ -65,7 +65,7 @@ from transformers import TrainerCallback
 from .io import EMA_DIRNAME
 from .loading import has_ema
 from .schedules import IDecayFunction, supergradients_kwargs
-from .state import EMAState
+from .state import EMAState, _check_device
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -218,11 +218,7 @@ class EMATrainerCallback(TrainerCallback):
                 f"`raw_prefix` must be a non-empty metric prefix other than 'eval' (e.g. 'eval_raw'), "
                 f"got {raw_prefix!r}"
             )
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
+        _check_device(device)  # the stand-in model below is built with device=None
         self.ema_kwargs: dict[str, Any] = {
             "decay": decay,
             "decay_type": decay_type,
