@@ -435,6 +435,7 @@ class EMAState:
         Prefer :meth:`average_parameters`, which restores on exit even when its block raises.
         """
         self.wait()
+        self._before_write()
         if not self._swapped:
             self._xor_swapped, self._backups = [], []
             for e in self._entries:
@@ -453,6 +454,18 @@ class EMAState:
                 e.live.copy_(backup)
             self._xor_swapped, self._backups, self._xor_ids = [], [], set()
             self._swapped = False
+        self._after_write()
+
+    def _before_write(self, model: nn.Module | None = None) -> None:
+        """Before writing the local tensors of ``model`` (default: the tracked one): FSDP2 modules resharded, so that
+        their unsharded copies are dropped and the module holds its sharded parameters (see
+        :func:`hf_ema.distributed.before_local_write`). Runs before anything looks at the model's parameters."""
+        dist_utils.before_local_write(self.model if model is None else model)
+
+    def _after_write(self, sources: list[torch.Tensor] | None = None) -> None:
+        """After writing local tensors (default: the tracked ones): the full copies a forward reads (gathered ZeRO-3
+        parameters) rebuilt from them (see :func:`hf_ema.distributed.after_local_write`); a collective on ZeRO-3."""
+        dist_utils.after_local_write([e.source for e in self._entries] if sources is None else sources)
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[nn.Module]:
@@ -487,10 +500,13 @@ class EMAState:
                     e.ema.copy_(e.live)
                 self._xor_swapped, self._backups, self._xor_ids, self._swapped = [], [], set(), False
                 return
+            self._before_write()
             for e in self._entries:
                 e.live.copy_(e.ema)
+            self._after_write()
             return
         target = dist_utils.unwrap_model(model)
+        self._before_write(target)
         tensors = dict(target.named_parameters())
         tensors.update(_persistent_buffers(target))
         missing = [e.name for e in self._entries if e.name not in tensors]
@@ -500,6 +516,7 @@ class EMAState:
             )
         for e in self._entries:
             dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))
+        self._after_write([tensors[e.name] for e in self._entries])
 
     # ------------------------------------------------------------------ state dict
     def _meta(self) -> dict[str, Any]:
