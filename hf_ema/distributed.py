@@ -391,8 +391,9 @@ def after_local_write(sources: Sequence[torch.Tensor]) -> None:
         if getattr(s, "ds_secondary_tensor", None) is not None:
             s.ds_secondary_tensor = None
         if _zero3_status(s) == "AVAILABLE":
-            group = getattr(s, "ds_process_group", None)
-            gathered.setdefault((id(group), s.ds_tensor.dtype, s.ds_tensor.device), []).append(s)
+            # gathered where the full tensor lives (the compute device, also when partitions are offloaded)
+            key = (id(getattr(s, "ds_process_group", None)), s.ds_tensor.dtype, s.data.device)
+            gathered.setdefault(key, []).append(s)
     for params in gathered.values():
         _regather_zero3(params)
 
@@ -401,20 +402,18 @@ def _regather_zero3(params: list[torch.Tensor]) -> None:
     """Rebuild ``param.data`` (the full tensor) of gathered ZeRO-3 parameters from their partitions, in place.
 
     All ``params`` share a process group, dtype and device. Each rank contributes the concatenation of its
-    partitions; after one ``all_gather``, parameter ``i`` is, over ranks ``r = 0 .. world-1``, the slices
-    ``[offset_i, offset_i + n_i)`` of rank ``r``'s contribution, concatenated, cut to ``ds_numel`` (the last
-    partition is zero-padded).
+    partitions (``n_i`` elements for parameter ``i``, the same on every rank); after one ``all_gather`` into a
+    ``[world, sum n_i]`` buffer, parameter ``i`` is column block ``[offset_i, offset_i + n_i)`` read row by row
+    (rank 0's partition first), cut to ``ds_numel`` (the last partition is zero-padded).
     """
     group, world, _, _ = _zero3_layout(params[0])
-    parts = [p.ds_tensor.detach().reshape(-1) for p in params]
-    flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-    gathered = [torch.empty_like(flat) for _ in range(world)]
-    torch.distributed.all_gather(gathered, flat, group=group)
-    per_rank = torch.stack(gathered)  # [world, sum of partition sizes]
+    device = params[0].data.device
+    flat = torch.cat([p.ds_tensor.detach().reshape(-1).to(device) for p in params])
+    per_rank = torch.empty((world, flat.numel()), dtype=flat.dtype, device=device)
+    torch.distributed.all_gather(list(per_rank.unbind(0)), flat, group=group)
     offset = 0
     with torch.no_grad():
-        for p, part in zip(params, parts, strict=True):
-            n = part.numel()
-            full = per_rank[:, offset : offset + n].reshape(-1)[: p.ds_numel]
-            p.data.view(-1).copy_(full)
+        for p in params:
+            n = p.ds_tensor.numel()
+            p.data.view(-1).copy_(per_rank[:, offset : offset + n].reshape(-1)[: p.ds_numel])
             offset += n
