@@ -869,11 +869,24 @@ class EMAState:
         Prefer :meth:`average_parameters`, which restores on exit even when its block raises.
         """
         self.wait()
+        self._before_write()
         self._check_bindings()
         if not self._swapped:
             self._swap_in()
         else:
             self._swap_out()
+        self._after_write()
+
+    def _before_write(self, model: nn.Module | None = None) -> None:
+        """Before writing the local tensors of ``model`` (default: the tracked one): FSDP2 modules resharded, so that
+        their unsharded copies are dropped and the module holds its sharded parameters (see
+        :func:`hf_ema.distributed.before_local_write`). Runs before anything looks at the model's parameters."""
+        dist_utils.before_local_write(self.model if model is None else model)
+
+    def _after_write(self, sources: list[torch.Tensor] | None = None) -> None:
+        """After writing local tensors (default: the tracked ones): the full copies a forward reads (gathered ZeRO-3
+        parameters) rebuilt from them (see :func:`hf_ema.distributed.after_local_write`); a collective on ZeRO-3."""
+        dist_utils.after_local_write([e.source for e in self._entries] if sources is None else sources)
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[nn.Module]:
@@ -934,10 +947,13 @@ class EMAState:
                         _merge_into(e.ema, e.live)
                 self._forget_swap()
                 return
+            self._before_write()
             for e in self._primaries:
                 e.live.copy_(e.ema)
+            self._after_write()
             return
         target = dist_utils.unwrap_model(model)
+        self._before_write(target)
         tensors = dict(target.named_parameters())
         tensors.update(_persistent_buffers(target))
         missing = [e.name for e in self._entries if e.name not in tensors]
@@ -947,6 +963,7 @@ class EMAState:
             )
         for e in self._entries:
             dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))
+        self._after_write([tensors[e.name] for e in self._entries])
 
     # ------------------------------------------------------------------ state dict
     def _meta(self) -> dict[str, Any]:
