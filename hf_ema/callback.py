@@ -268,8 +268,9 @@ class EMATrainerCallback(TrainerCallback):
     * builds the EMA from the model at the start of training, or restores it from ``<checkpoint>/ema_net`` when
       resuming (a checkpoint without one: a warning, and the EMA starts from the loaded weights);
     * updates it once per optimizer step and logs the schedule's decay of the last step as ``ema_decay`` and, with
-      ``update_every > 1``, the decay the last averaging applied (``ema_decay ** update_every``) as
-      ``ema_decay_applied`` (a named EMA: ``ema_<name>_decay``, ``ema_<name>_decay_applied``);
+      ``update_every > 1``, the decay the last averaging applied (the schedule's ``interval_decay``:
+      ``ema_decay ** update_every`` unless the schedule says otherwise) as ``ema_decay_applied`` (a named EMA:
+      ``ema_<name>_decay``, ``ema_<name>_decay_applied``);
     * evaluates with the EMA weights (``eval_strategy`` steps/epoch and ``eval_on_start``), putting the training
       weights back bitwise before training continues and before the checkpoint's regular weights are written;
       ``eval_both=True`` also reports the training weights' metrics under ``raw_prefix``;
@@ -728,8 +729,9 @@ class EMATrainerCallback(TrainerCallback):
         entry; idempotent, as both this callback and its log hook call it.
 
         ``ema_decay`` is the schedule's per-step decay ``d`` of the last optimizer step; with ``update_every = N >
-        1`` the EMA averages every N-th step with ``d**N``, logged as ``ema_decay_applied`` (that of the last
-        averaging; absent before the first one). A named EMA logs ``ema_<name>_decay`` and ``..._applied``.
+        1`` the EMA averages every N-th step with ``D = interval_decay(...)`` (``d**N`` by default), logged as
+        ``ema_decay_applied`` (that of the last averaging; absent before the first one). A named EMA logs
+        ``ema_<name>_decay`` and ``ema_<name>_decay_applied``.
         """
         if self.ema is None or self.ema.last_decay is None or not logs or "loss" not in logs:
             return

@@ -240,7 +240,7 @@ class EMAState:
         self.step = 0
         self.num_updates = 0
         self.last_decay: float | None = None
-        self.last_applied_decay: float | None = None  # d**N of the last averaging (update_every = N)
+        self.last_applied_decay: float | None = None  # decay applied by the last averaging
         self._swapped = False
         self._xor_swapped: list[_Entry] = []
         self._xor_ids: set[int] = set()
