@@ -463,3 +463,16 @@ def test_named_ema_leftovers_stay_apart(tmp_path):
     restored = EMAState(tiny_mlp(seed=3), decay=0.5, name="a.old-x").load(tmp_path)
     assert restored.step == 2
     assert all(torch.equal(restored.state_dict()["ema"][n], t) for n, t in other.state_dict()["ema"].items())
+
+
+def test_ema_name_flag():
+    from transformers import HfArgumentParser
+
+    from hf_ema import EMAArguments
+
+    (args,) = HfArgumentParser(EMAArguments).parse_args_into_dataclasses(["--ema", "--ema_name", "slow"])
+    (cb,) = args.callbacks()
+    assert cb.name == "slow" and cb.eval_prefix == "eval_ema_slow"
+    assert "name" not in EMAArguments(ema=True).callback_kwargs()  # unset: the callback's default
+    with pytest.raises(ValueError, match="name"):
+        EMAArguments(ema=True, ema_name="a/b")
