@@ -103,6 +103,12 @@ class EMAArguments:
             "help": "`warmup` schedule: updates after the first that still copy the weights; default 0."
         },
     )
+    ema_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of this EMA: its checkpoint folder becomes ema_net-<name> (default: ema_net)."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -139,6 +145,7 @@ class EMAArguments:
                     ("inv_gamma", self.ema_inv_gamma),
                     ("min_decay", self.ema_min_decay),
                     ("update_after_step", self.ema_update_after_step),
+                    ("name", self.ema_name),
                 )
                 if value is not None  # given only when set: other schedules refuse these arguments
             },

@@ -9,6 +9,9 @@ Layout of ``<dir>/ema_net/``:
 * for a PEFT model, ``adapter_model.safetensors`` + ``adapter_config.json`` (see :mod:`hf_ema.adapters`), so that
   ``PeftModel.from_pretrained(base, <dir>/ema_net)`` loads the EMA adapter.
 
+A named EMA (``EMAState(..., name="slow")``, several EMAs of one model) has the same layout in
+``<dir>/ema_net-slow/`` (:func:`ema_dirname`).
+
 The folder is first written next to its final place under a temporary name, then renamed into place, so a crash
 mid-save leaves either the previous ``ema_net`` or the new one, never a half-written folder that loads.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -34,6 +38,7 @@ __all__ = [
     "EMAFileError",
     "EMANetReader",
     "atomic_write_text",
+    "ema_dirname",
     "find_ema_dir",
     "load_ema_meta",
     "load_ema_net",
@@ -51,6 +56,12 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# Temporary and previous folders of a save carry 8 hex digits; matching exactly those keeps one EMA's leftovers
+# (``.ema_net-a.old-1234abcd``) apart from another EMA whose name merely starts alike (``a.old-x``).
+_TMP_SUFFIX_GLOB = "????????"
+
+
 class EMAFileError(ValueError):
     """An ``ema_net`` folder is missing, incomplete or corrupt."""
 
@@ -64,12 +75,46 @@ def summarize_names(names: Iterable[str], limit: int = 5) -> str:
     return f"{shown} and {len(names) - limit} more ({len(names)} in all)"
 
 
-def _ema_dir(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is an ``ema_net`` folder (holds ``ema_state.json``), else ``path/ema_net``."""
+def ema_dirname(name: str | None = None) -> str:
+    """The folder name of the EMA called ``name`` in a checkpoint: ``ema_net`` for ``None``, else ``ema_net-<name>``.
+
+    Several EMAs of one model (e.g. decays 0.999 and 0.9999) each get a name, hence a folder of their own beside
+    the unnamed one; ``hf_ema.load_model(..., ema=name)`` and ``EMAState(..., name=name).load(dir)`` pick it.
+
+    Args:
+        name: ``None`` or a non-empty string of letters, digits, ``_``, ``.`` and ``-``.
+
+    Raises:
+        ValueError: If ``name`` is not ``None`` and not such a string.
+
+    Example:
+        >>> ema_dirname(), ema_dirname("slow")
+        ('ema_net', 'ema_net-slow')
+    """
+    if name is None:
+        return EMA_DIRNAME
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"`name` of an EMA must be None or a non-empty string of letters, digits, '_', '.' and '-' "
+            f"(its folder is 'ema_net-<name>'), got {name!r}"
+        )
+    return f"{EMA_DIRNAME}-{name}"
+
+
+def _is_ema_dirname(folder: str) -> bool:
+    if folder == EMA_DIRNAME:
+        return True
+    prefix = f"{EMA_DIRNAME}-"
+    return folder.startswith(prefix) and _NAME_RE.fullmatch(folder[len(prefix) :]) is not None
+
+
+def _ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    """``path`` itself when it is an EMA folder (holds ``ema_state.json``, or is called ``ema_net`` /
+    ``ema_net-<name>``), else ``path/ema_net`` (``path/ema_net-<name>`` for a named EMA)."""
     path = Path(path)
-    if (path / STATE_NAME).is_file() or path.name == EMA_DIRNAME:
+    if (path / STATE_NAME).is_file() or _is_ema_dirname(path.name):
         return path
-    return path / EMA_DIRNAME
+    return path / ema_dirname(name)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -118,6 +163,7 @@ def save_ema_net(
     meta: Mapping[str, Any],
     config: Any = None,
     files: Mapping[str, Mapping[str, torch.Tensor] | str] | None = None,
+    dirname: str = EMA_DIRNAME,
 ) -> Path:
     """Write ``directory/ema_net/`` atomically.
 
@@ -134,6 +180,7 @@ def save_ema_net(
         config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional, see above).
         files: More files for the folder, by path relative to it (e.g. ``"adapter_model.safetensors"``, or
             ``"other/adapter_config.json"``): a mapping of tensors is written as safetensors, a string as text.
+        dirname: The sub-folder's name, ``ema_net`` or, for a named EMA, ``ema_dirname(name)``.
 
     Returns:
         The path of the ``ema_net`` folder.
@@ -146,6 +193,10 @@ def save_ema_net(
     """
     from safetensors.torch import save_file
 
+    if not _is_ema_dirname(dirname):
+        raise ValueError(
+            f"`dirname` must be 'ema_net' or 'ema_net-<name>' (see ema_dirname), got {dirname!r}"
+        )
     files = dict(files or {})
     for rel in files:
         bad = (
@@ -159,9 +210,9 @@ def save_ema_net(
     complete = not meta.get("trainable_only", False) and not adapter
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / EMA_DIRNAME
-    tmp = directory / f".{EMA_DIRNAME}.tmp-{uuid.uuid4().hex[:8]}"
-    old = directory / f".{EMA_DIRNAME}.old-{uuid.uuid4().hex[:8]}"
+    final = directory / dirname
+    tmp = directory / f".{dirname}.tmp-{uuid.uuid4().hex[:8]}"
+    old = directory / f".{dirname}.old-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -187,15 +238,16 @@ def save_ema_net(
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    for stale in [old, *directory.glob(f".{EMA_DIRNAME}.old-*")]:  # incl. leftovers of interrupted saves
+    for stale in [old, *directory.glob(f".{dirname}.old-{_TMP_SUFFIX_GLOB}")]:  # incl. interrupted saves
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def find_ema_dir(path: str | os.PathLike) -> Path | None:
+def find_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path | None:
     """The complete EMA folder for ``path``, or ``None`` when there is none.
 
-    ``path`` is a checkpoint folder holding ``ema_net/`` or the ``ema_net`` folder itself. A crash between the two
+    ``path`` is a checkpoint folder holding ``ema_net/`` (``ema_net-<name>/`` when ``name`` is given) or the EMA
+    folder itself. A crash between the two
     renames of :func:`save_ema_net` leaves the previous, complete folder under a ``.ema_net.old-*`` name and no
     ``ema_net``: that folder is returned then (the newest one), with a warning, rather than losing the EMA.
 
@@ -207,34 +259,32 @@ def find_ema_dir(path: str | os.PathLike) -> Path | None:
         >>> find_ema_dir(save_ema_net(d, {"w": torch.ones(1)}, {"step": 0}).parent).name
         'ema_net'
     """
-    d = _ema_dir(path)
+    d = _ema_dir(path, name)
     if d.is_dir():
         return d if (d / WEIGHTS_NAME).is_file() and (d / STATE_NAME).is_file() else None
-    if d.name != EMA_DIRNAME:
+    if not _is_ema_dirname(d.name):
         return None
     olds = [
         o
-        for o in d.parent.glob(f".{EMA_DIRNAME}.old-*")
+        for o in d.parent.glob(f".{d.name}.old-{_TMP_SUFFIX_GLOB}")
         if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
     ]
     if not olds:
         return None
     old = max(olds, key=lambda o: o.stat().st_mtime)
     logger.warning(
-        "No %s at %r: using the previous EMA left by an interrupted save, %r", EMA_DIRNAME, str(d), str(old)
+        "No %s at %r: using the previous EMA left by an interrupted save, %r", d.name, str(d), str(old)
     )
     return old
 
 
-def _checked_ema_dir(path: str | os.PathLike) -> Path:
-    found = find_ema_dir(path)
+def _checked_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    found = find_ema_dir(path, name)
     if found is not None:
         return found
-    d = _ema_dir(path)
+    d = _ema_dir(path, name)
     if not d.is_dir():
-        raise EMAFileError(
-            f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
-        )
+        raise EMAFileError(f"No EMA folder at {str(d)!r} (expected an `{d.name}` folder written by hf_ema)")
     missing = [f for f in (WEIGHTS_NAME, STATE_NAME) if not (d / f).is_file()]
     raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {missing[0]!r} is missing")
 
@@ -250,13 +300,15 @@ def _read_meta(d: Path) -> dict:
     return meta
 
 
-def load_ema_meta(path: str | os.PathLike) -> dict:
+def load_ema_meta(path: str | os.PathLike, name: str | None = None) -> dict:
     """Read only the JSON state of an ``ema_net`` folder (step, schedule, options), not its weights.
+
+    ``name`` picks a named EMA's folder (``ema_net-<name>``) when ``path`` is a checkpoint folder.
 
     Raises:
         EMAFileError: As :func:`load_ema_net`.
     """
-    return _read_meta(_checked_ema_dir(path))
+    return _read_meta(_checked_ema_dir(path, name))
 
 
 class EMANetReader:
@@ -317,12 +369,13 @@ class EMANetReader:
         self.close()
 
 
-def open_ema_net(path: str | os.PathLike) -> EMANetReader:
+def open_ema_net(path: str | os.PathLike, name: str | None = None) -> EMANetReader:
     """Open an ``ema_net`` folder for reading: the JSON state and the safetensors header, no tensor data yet.
 
     Args:
         path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself (see :func:`find_ema_dir`
             for the recovery of an interrupted save).
+        name: In a checkpoint folder, open the named EMA's ``ema_net-<name>`` instead.
 
     Raises:
         EMAFileError: If the folder or a file is missing, or a file is not valid safetensors / JSON. The message
@@ -330,7 +383,7 @@ def open_ema_net(path: str | os.PathLike) -> EMANetReader:
     """
     from safetensors import SafetensorError, safe_open
 
-    d = _checked_ema_dir(path)
+    d = _checked_ema_dir(path, name)
     meta = _read_meta(d)
     weights = d / WEIGHTS_NAME
     try:

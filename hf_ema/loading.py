@@ -19,6 +19,7 @@ from .io import (
     EMA_DIRNAME,
     WEIGHTS_NAME,
     EMAFileError,
+    ema_dirname,
     find_ema_dir,
     load_ema_meta,
     load_ema_net,
@@ -37,10 +38,11 @@ _SAME_ADAPTER_KEYS = ("peft_type", "task_type")
 _PEFT_PREFIX = "base_model.model."
 
 
-def has_ema(path: str | os.PathLike) -> bool:
+def has_ema(path: str | os.PathLike, name: str | None = None) -> bool:
     """Whether ``path`` (a checkpoint folder) holds a complete ``ema_net`` folder written by hf_ema (or the
-    previous one left by an interrupted save, see :func:`hf_ema.io.find_ema_dir`)."""
-    return find_ema_dir(Path(path) / EMA_DIRNAME) is not None
+    previous one left by an interrupted save, see :func:`hf_ema.io.find_ema_dir`); with ``name``, the named EMA's
+    ``ema_net-<name>`` folder."""
+    return find_ema_dir(Path(path) / ema_dirname(name)) is not None
 
 
 def load_model(
@@ -49,6 +51,7 @@ def load_model(
     prefer_ema: bool = True,
     *,
     base_model: str | os.PathLike | nn.Module | None = None,
+    ema: str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
     """Load a model from ``path``, with the EMA weights of ``path/ema_net`` when present and ``prefer_ema``.
@@ -77,6 +80,8 @@ def load_model(
         prefer_ema: Load the EMA weights when the checkpoint has them.
         base_model: PEFT checkpoints only: the base model's path or Hub id (default: the adapter config's
             ``base_model_name_or_path``), or the base model itself (it is then modified in place).
+        ema: Name of the EMA to load when the checkpoint holds several (``EMATrainerCallback(name=...)``): its
+            ``ema_net-<name>`` folder, which must then exist. ``None``: the unnamed ``ema_net``.
         **from_pretrained_kwargs: Passed to ``from_pretrained`` (of the base model, for a PEFT checkpoint).
 
     Returns:
@@ -93,16 +98,22 @@ def load_model(
         >>> model = load_model(AutoModelForSequenceClassification, "out/checkpoint-500")  # doctest: +SKIP
     """
     path = Path(path)
+    dirname = ema_dirname(ema)
+    if ema is not None and not prefer_ema:
+        raise ValueError(
+            f"`ema={ema!r}` asks for an EMA's weights but `prefer_ema=False` asks for the regular ones"
+        )
     if not path.exists():
         raise FileNotFoundError(
             f"load_model: {str(path)!r} does not exist (it reads a local checkpoint folder; for a model on the "
             "Hub, download it first, e.g. with huggingface_hub.snapshot_download)"
         )
     # Which ema_net to read, if any. An ema_net folder that exists but is incomplete is an error (raised by
-    # load_ema_net, naming the path), never a quiet fallback to the training weights.
-    found = find_ema_dir(path / EMA_DIRNAME) if prefer_ema else None
-    use_ema = prefer_ema and (found is not None or (path / EMA_DIRNAME).is_dir())
-    ema_dir = (found or path / EMA_DIRNAME) if use_ema else None
+    # load_ema_net, naming the path), never a quiet fallback to the training weights. So is a named EMA
+    # (`ema="..."`) that is not there.
+    found = find_ema_dir(path / dirname) if prefer_ema else None
+    use_ema = prefer_ema and (found is not None or (path / dirname).is_dir() or ema is not None)
+    ema_dir = (found or path / dirname) if use_ema else None
 
     if isinstance(model_class, nn.Module):
         return _load_into_module(model_class, path, ema_dir)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .io import EMAFileError, load_ema_meta, open_ema_net, save_ema_net
+from .io import EMAFileError, ema_dirname, load_ema_meta, open_ema_net, save_ema_net
 from .schedules import IDecayFunction, build_schedule, make_schedule, supergradients_kwargs
 
 __all__ = ["EMAState"]
@@ -266,6 +266,9 @@ class EMAState:
             as skipped (fp16 overflow), and to save/load the EMA with ``save_state`` / ``load_state``.
         side_stream: On CUDA, run the update on a side stream; it is joined before the next optimizer step
             and before the EMA is read.
+        name: ``None`` (folder ``ema_net``) or a name of letters, digits, ``_``, ``.``, ``-`` (folder
+            ``ema_net-<name>``): several EMAs of one model save, load and resume side by side. Two EMAs with the
+            same name on one ``accelerator`` are refused (they would write the same folder).
         **schedule_kwargs: Arguments of the schedule's constructor (each passed only to a schedule that declares
             it; ``beta`` only where accepted); an argument that no one takes is refused, naming it. For a
             SuperGradients ``ema_params`` dict use :meth:`from_params`, which also reads its defaults.
@@ -296,10 +299,13 @@ class EMAState:
         device: str | torch.device | None = None,
         accelerator: Any = None,
         side_stream: bool = False,
+        name: str | None = None,
         **schedule_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        ema_dirname(name)  # validates the name
+        self.name = name
         self.decay = _check_decay(decay)
         self.update_every = _check_update_every(update_every)
         self.total_steps = _check_total_steps(total_steps)
@@ -328,6 +334,7 @@ class EMAState:
         self.step = 0
         self.num_updates = 0
         self.last_decay: float | None = None
+        self.last_applied_decay: float | None = None  # decay applied by the last averaging
         self._swapped = False
         # While swapped: (entry, None) for an XOR exchange, (entry, backup of the model's tensor) otherwise, in the
         # order they were done; undone in reverse order (tensors may share storage).
@@ -766,6 +773,7 @@ class EMAState:
         self.last_decay = d
         if averaging:
             weight = 1.0 - dn
+            self.last_applied_decay = dn
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
                 with torch.cuda.stream(self._stream):
@@ -1106,7 +1114,8 @@ class EMAState:
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically.
+        """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically;
+        a named EMA writes ``directory/ema_net-<name>/``.
 
         For a ``peft.PeftModel`` it also holds the EMA adapter as PEFT writes one (``adapter_model.safetensors``,
         ``adapter_config.json``: see :mod:`hf_ema.adapters`). On several processes every rank must call it (shards
@@ -1119,13 +1128,19 @@ class EMAState:
             'ema_net'
         """
         tensors = self.ema_state_dict()
-        path = Path(directory) / "ema_net"
+        dirname = ema_dirname(self.name)
+        path = Path(directory) / dirname
         if dist_utils.is_main_process():
             from .adapters import peft_adapter_files
 
             files = peft_adapter_files(self.model, tensors)
             path = save_ema_net(
-                directory, tensors, self._meta(), getattr(self.model, "config", None), files=files
+                directory,
+                tensors,
+                {**self._meta(), "name": self.name},
+                getattr(self.model, "config", None),
+                files=files,
+                dirname=dirname,
             )
         return path
 
@@ -1136,7 +1151,7 @@ class EMAState:
         # `ema_net` also holds the model's untracked persistent buffers (buffers="ignore"), so that it loads as a
         # complete model; they are the model's own values, not EMA state, and are not read back.
         untracked = {name for name, _ in _persistent_buffers(self.model)} - set(self._by_name)
-        with open_ema_net(directory) as reader:
+        with open_ema_net(directory, self.name) as reader:
             shapes = {k: v for k, v in reader.shapes.items() if k not in untracked}
             try:
                 # Names and full shapes from the file's header first; then each rank reads only its own part
@@ -1157,8 +1172,9 @@ class EMAState:
 
     @classmethod
     def _from_dir(cls, directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-        meta = load_ema_meta(directory)
+        meta = load_ema_meta(directory, overrides.get("name"))
         kwargs: dict[str, Any] = {
+            "name": meta.get("name"),
             "decay": meta.get("decay", 0.9999),
             "decay_type": meta.get("decay_type", "constant"),
             "total_steps": meta.get("total_steps"),
@@ -1188,13 +1204,15 @@ class _InstanceOrClassLoad:
         if obj is None:
 
             def load(directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON)."""
+                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON;
+                ``name=...`` reads ``directory/ema_net-<name>``)."""
                 return objtype._from_dir(directory, model, **overrides)
 
             return load
 
         def load_into(directory: str | os.PathLike) -> EMAState:
-            """Restore this EMA from ``directory/ema_net`` (or an ``ema_net`` folder itself)."""
+            """Restore this EMA from ``directory/ema_net`` (``ema_net-<name>`` for a named EMA), or from an EMA
+            folder itself."""
             return obj._load_dir(directory)
 
         return load_into
