@@ -294,7 +294,7 @@ def solve_weights(
 
     Example:
         >>> fit = solve_weights([50, 100, 50, 100], [6.94, 6.94, 16.97, 16.97], 100, 16.97)
-        >>> [round(float(x), 6) for x in fit.weights[:, 0]]
+        >>> [round(float(x), 6) + 0.0 for x in fit.weights[:, 0]]
         [0.0, 0.0, 0.0, 1.0]
     """
     ts = np.asarray(snapshot_t, dtype=np.float64).reshape(-1)
