@@ -40,6 +40,7 @@ import math
 import numbers
 import os
 import queue
+import struct
 import threading
 import time
 import uuid
@@ -65,7 +66,14 @@ from .power import (
 )
 from .state import EMAState, _persistent_buffers, _resolve_dtype
 
-__all__ = ["PostHocEMA", "PostHocError", "SynthesisResult", "read_manifest", "synthesize"]
+__all__ = [
+    "PostHocEMA",
+    "PostHocError",
+    "SynthesisResult",
+    "read_manifest",
+    "synthesize",
+    "write_safetensors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +140,68 @@ def _host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         t = t.to(dtype)
         return t if t.device.type == "cpu" else t.cpu()
     return t.to("cpu", copy=True)
+
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Write CPU tensors to ``path`` in the safetensors format, streaming each tensor's bytes from its own memory.
+
+    The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON header
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, space-padded to a multiple
+    of 8 bytes), then the tensors' bytes back to back. Unlike ``safetensors.torch.save_file`` no copy of the whole
+    model is made as Python ``bytes``, and the big ``write`` calls release the GIL, so a background writer does not
+    stall the training thread. The file is fsynced. Read it with ``safetensors`` as usual.
+
+    Example:
+        >>> import tempfile, os
+        >>> from safetensors.torch import load_file
+        >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> write_safetensors(f, {"w": torch.ones(2, dtype=torch.bfloat16)}, {"format": "pt"})
+        >>> load_file(f)["w"].tolist()
+        [1.0, 1.0]
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    views = []
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES or t.device.type != "cpu":
+            raise ValueError(
+                f"write_safetensors: {name!r} is a {t.dtype} tensor on {t.device}; expected a CPU tensor"
+            )
+        t = t.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+        if nbytes:
+            views.append(t.reshape(-1).view(torch.uint8).numpy())
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for v in views:
+            f.write(memoryview(v))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -233,13 +303,13 @@ class _Job:
 class _SnapshotWriter:
     """Writes snapshot files on one background thread, from host tensors handed over by the training thread.
 
-    The queue is bounded (``max_pending`` jobs): when the disk is slower than the snapshots, :meth:`submit` waits,
+    The queue is bounded (``max_pending`` snapshots): when the disk is slower than the snapshots, :meth:`submit` waits,
     so host memory stays bounded. An error on the thread is raised by the next :meth:`submit` / :meth:`flush`.
     """
 
     def __init__(self, manifest: _Manifest | None, max_pending: int) -> None:
         self.manifest = manifest
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[list[_Job] | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.write_seconds = 0.0
@@ -247,12 +317,13 @@ class _SnapshotWriter:
         self.bytes_written = 0
         _LIVE_WRITERS.add(self)
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, jobs: list[_Job]) -> None:
+        """Queue the files of one snapshot (one hand-over: the writer thread is woken once)."""
         self._raise()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="hf_ema-posthoc-writer", daemon=True)
             self._thread.start()
-        self._queue.put(job)
+        self._queue.put(jobs)
 
     def flush(self) -> None:
         """Wait until every submitted snapshot is on disk and in the manifest."""
@@ -274,27 +345,24 @@ class _SnapshotWriter:
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            jobs = self._queue.get()
             try:
-                if job is None:
+                if jobs is None:
                     return
                 if self._error is None:
-                    self._write(job)
+                    for job in jobs:
+                        self._write(job)
             except BaseException as e:  # reported on the training thread
                 self._error = e
             finally:
                 self._queue.task_done()
 
     def _write(self, job: _Job) -> None:
-        from safetensors.torch import save_file
-
         start = time.perf_counter()
         job.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = job.path.with_name(f".{job.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            save_file(job.tensors, str(tmp), metadata=job.metadata)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+            write_safetensors(tmp, job.tensors, job.metadata)
             os.replace(tmp, job.path)
         except BaseException:
             if tmp.exists():
@@ -705,13 +773,14 @@ class PostHocEMA:
             return []
         self._check_run_dir()
         start = time.perf_counter()
-        paths = []
-        for i, profile in enumerate(self.profiles):
-            paths += self._snapshot_profile(i, profile, step, t)
+        # All copies first, then the hand-over: the writer never competes with the copies for the GIL.
+        jobs = [job for i, p in enumerate(self.profiles) for job in self._snapshot_profile(i, p, step, t)]
+        if jobs:
+            self._writer.submit(jobs)
         self._last_snapshot_step = step
         self.snapshot_seconds += time.perf_counter() - start
         self.snapshots_taken += 1
-        return paths
+        return [job.path for job in jobs]
 
     def _check_run_dir(self) -> None:
         if self._manifest is None or self._adopted:
@@ -730,7 +799,8 @@ class PostHocEMA:
             atomic_write_text(self.run_dir / CONFIG_NAME, config.to_json_string())
         self._manifest.write()
 
-    def _snapshot_profile(self, i: int, profile: EMAState, step: int, t: float) -> list[Path]:
+    def _snapshot_profile(self, i: int, profile: EMAState, step: int, t: float) -> list[_Job]:
+        """Host copy of one profile and the file job(s) that write it (none on ranks that write nothing)."""
         dtype = self.snapshot_dtype
         base = f"{SNAPSHOT_DIR}/step-{step:09d}.p{i}"
         info = {
@@ -757,13 +827,10 @@ class PostHocEMA:
                 _META_KEY: json.dumps({**info, "rank": self.rank}),
                 "layout": self._layout_meta,
             }
-            path = self.run_dir / files[self.rank]
-            self._writer.submit(_Job(path, local, meta, entry))
-            return [path]
+            return [_Job(self.run_dir / files[self.rank], local, meta, entry)]
         if self._sharded:
-            full = (
-                profile.ema_state_dict()
-            )  # a collective: every rank joins, the main process keeps the result
+            # a collective: every rank joins, the main process keeps the result
+            full = profile.ema_state_dict()
             tensors = {k: _host_copy(v, dtype) for k, v in full.items()}
         elif self.is_main:
             tensors = {k: _host_copy(v, dtype) for k, v in profile.state_dict()["ema"].items()}
@@ -775,9 +842,7 @@ class PostHocEMA:
         file = f"{base}.safetensors"
         entry = {**info, "layout": "gathered", "files": [file]}
         meta = {"format": "pt", _META_KEY: json.dumps({**info, "rank": 0})}
-        path = self.run_dir / file
-        self._writer.submit(_Job(path, tensors, meta, entry))
-        return [path]
+        return [_Job(self.run_dir / file, tensors, meta, entry)]
 
     # ------------------------------------------------------------------ files
     def flush(self) -> None:
