@@ -34,6 +34,7 @@ from _common import (
 )
 
 from hf_ema import EMAState, PostHocEMA
+from hf_ema.posthoc import _host_copy
 
 TARGET_UPDATE = 2.2
 
@@ -79,8 +80,8 @@ def bench_snapshot(params: int, tensors: int, count: int, device: str, dtype: to
             ph.flush()  # (untimed) let the writer finish, so each snapshot finds the queue empty
             sync(device)
             t0 = time.perf_counter()
-            for p in ph.profiles:
-                _ = {k: v.to(dtype).cpu() for k, v in p.state_dict()["ema"].items()}
+            for p in ph.profiles:  # the same host copy a snapshot makes, without handing it to the writer
+                _ = {k: _host_copy(v, dtype) for k, v in p.state_dict()["ema"].items()}
             sync(device)
             copies.append(time.perf_counter() - t0)
         st = ph.write_stats
@@ -98,21 +99,23 @@ def bench_snapshot(params: int, tensors: int, count: int, device: str, dtype: to
 
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[3])
 import torch
 from hf_ema import synthesize
 torch.set_num_threads(int(sys.argv[4]))
-def rss_mb():
+def status_mb(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-base = rss_mb()
+import numpy, safetensors  # loaded by synthesize: part of the baseline, not of its working memory
+base = status_mb("VmRSS")
 t0 = time.perf_counter()
 res = synthesize(sys.argv[1], sigma_rel=[float(sys.argv[2])], progress=False)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: the latter keeps the high-water mark of the forking parent across exec
+peak = status_mb("VmHWM")
 print(json.dumps({"seconds": dt, "peak_mb": peak, "base_mb": base, "residual": res[0].residual}))
 """
 

@@ -508,3 +508,75 @@ def test_resume_with_other_profiles_is_refused(tmp_path):
         PostHocEMA(model, tmp_path / "run", sigma_rels=(0.05, 0.2), snapshot_every=5).load(tmp_path / "ckpt")
     with pytest.raises(PostHocError, match="No post-hoc EMA state"):
         PostHocEMA(model, tmp_path / "run", snapshot_every=5).load(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- two processes (FSDP2, gloo)
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+def test_fsdp2_two_processes_gathered_and_per_rank_snapshots(tmp_path):
+    """Both layouts on an FSDP2 model over 2 ranks (a 7-row layer shards unevenly): no collective in update()
+    between snapshots, one run id on both ranks, snapshots equal to the power EMA of the gathered parameter history,
+    and the per-rank pieces reassemble to the gathered files."""
+    from hf_ema import posthoc
+    from tests._torchrun import load_history, run_torchrun
+
+    run_torchrun(
+        Path(__file__).with_name("posthoc_worker.py"), str(tmp_path), timeout=240, label="posthoc worker"
+    )
+    info = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    assert info[0]["sharded"] and info[0]["run_ids"] == info[1]["run_ids"]
+    assert all(c == [0, 0] for i in info for c in i["collectives_in_update"]), info
+    history = load_history(tmp_path / "history.safetensors")  # history[k]: full parameters after step k + 1
+    traj = [{k: torch.from_numpy(v) for k, v in h.items()} for h in history]
+    read = {}
+    for layout, nfiles in (("gathered", 1), ("per_rank", 2)):
+        run = tmp_path / layout
+        manifest = read_manifest(run)
+        entries = manifest["snapshots"]
+        assert [(e["step"], e["profile"], len(e["files"])) for e in entries] == [
+            (s, p, nfiles) for s in (3, 6) for p in (0, 1)
+        ]
+        for e in entries:
+            assert e["world_size"] == 2 and e["layout"] == layout
+            reader = posthoc._SnapshotReader(run, e, manifest)
+            for name in traj[0]:
+                got = reader.read(name)
+                read[(layout, e["step"], e["profile"], name)] = got
+                want = _ref_power_ema(traj, name, e["gamma"], e["step"])
+                np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    for (layout, step, profile, name), x in read.items():
+        if layout == "per_rank":
+            assert torch.equal(x, read[("gathered", step, profile, name)]), name
+    a = synthesize(tmp_path / "gathered", sigma_rel=[0.07], progress=False)[0]
+    b = synthesize(tmp_path / "per_rank", sigma_rel=[0.07], progress=False)[0]
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+
+
+def test_write_safetensors_round_trip(tmp_path):
+    from hf_ema.posthoc import write_safetensors
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "f16": torch.randn(2, 2).half(),
+        "f64": torch.randn(2).double(),
+        "i64": torch.arange(5),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "strided": torch.randn(4, 6)[:, ::2],  # not contiguous
+    }
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"format": "pt", "k": "v"})
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+    with pytest.raises(ValueError, match="CPU tensor"):
+        write_safetensors(tmp_path / "b.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)}, {})
