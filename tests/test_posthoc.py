@@ -580,3 +580,14 @@ def test_write_safetensors_round_trip(tmp_path):
         assert f.metadata() == {"format": "pt", "k": "v"}
     with pytest.raises(ValueError, match="CPU tensor"):
         write_safetensors(tmp_path / "b.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)}, {})
+
+
+def test_badly_conditioned_fit_warns(tmp_path, monkeypatch):
+    import hf_ema.power
+
+    model = tiny_bn_net()
+    with PostHocEMA(model, tmp_path, snapshot_every=5) as ph:
+        _run(model, ph, _trajectory(model, 10), 1, 10)
+    monkeypatch.setattr(hf_ema.power, "ILL_CONDITIONED", 1.0)  # every Gram matrix is "bad" now
+    with pytest.warns(RuntimeWarning, match="badly conditioned"):
+        synthesize(tmp_path, sigma_rel=[0.08], progress=False)

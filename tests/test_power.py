@@ -269,3 +269,10 @@ def test_solve_weights_bad_input():
         solve_weights([0.0, 1.0], [6.94, 6.94], 1.0, 6.94)
     with pytest.raises(ValueError, match="at least one snapshot"):
         solve_weights([], [], 1.0, 6.94)
+
+
+def test_near_duplicate_snapshots_are_flagged_ill_conditioned():
+    fine = solve_weights([1.0, 2.0, 1.0, 2.0], [6.94, 6.94, 16.97, 16.97], 2.0, 10.0)
+    assert not fine.ill_conditioned
+    bad = solve_weights([1.0, 1.0 + 1e-12, 2.0], [6.94, 6.94, 6.94], 2.0, 10.0)
+    assert bad.ill_conditioned and bad.cond > 1e10
