@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .io import EMAFileError, load_ema_net, save_ema_net
 from .loading import load_model
+from .power import PowerDecay  # registers decay_type="power"
 from .schedules import (
     EMA_DECAY_FUNCTIONS,
     ConstantDecay,
@@ -29,10 +30,16 @@ from .state import EMAState
 if TYPE_CHECKING:
     from .args import EMAArguments
     from .callback import EMATrainerCallback
+    from .posthoc import PostHocEMA, synthesize
 
 # The Trainer integration imports transformers (seconds): load it only when asked for, so that Accelerate-only
 # and plain PyTorch users do not pay for it.
-_LAZY = {"EMAArguments": ".args", "EMATrainerCallback": ".callback"}
+_LAZY = {
+    "EMAArguments": ".args",
+    "EMATrainerCallback": ".callback",
+    "PostHocEMA": ".posthoc",
+    "synthesize": ".posthoc",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -54,10 +61,13 @@ __all__ = [
     "EMATrainerCallback",
     "ExpDecay",
     "IDecayFunction",
+    "PostHocEMA",
+    "PowerDecay",
     "ThresholdDecay",
     "WarmupDecay",
     "__version__",
     "load_ema_net",
     "load_model",
     "save_ema_net",
+    "synthesize",
 ]

@@ -1,5 +1,9 @@
 """Accelerate integration: ``accelerator.save_state(dir)`` writes ``dir/ema_net``; ``load_state(dir)`` reads it.
 
+Several EMAs on one accelerator each save and load their own folder (``ema_net`` for the unnamed one,
+``ema_net-<name>`` for ``EMAState(..., name=name)``); a second EMA with a name already taken on that accelerator
+is refused when it is built, since both would write, and read back, the same folder.
+
 We use Accelerate's ``register_save_state_pre_hook`` / ``register_load_state_pre_hook`` rather than
 ``register_for_checkpointing``: the latter stores objects with ``torch.save`` and restores them with
 ``torch.load`` (pickle), while the hooks let the EMA use its own files (safetensors + JSON), which load without
@@ -13,7 +17,7 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .io import EMA_DIRNAME, find_ema_dir
+from .io import ema_dirname, find_ema_dir
 
 if TYPE_CHECKING:
     from .state import EMAState
@@ -22,9 +26,34 @@ __all__ = ["register_with_accelerator"]
 
 logger = logging.getLogger(__name__)
 
+# accelerator -> {EMA folder name: the live EMAState saving there}. Weak on both sides: a dropped EMA frees its
+# name, and the registry never keeps an Accelerator alive.
+_EMAS_BY_ACCELERATOR: weakref.WeakKeyDictionary[Any, weakref.WeakValueDictionary[str, EMAState]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _claim_folder(ema: EMAState, accelerator: Any) -> None:
+    """Refuse a second live EMA with the same name (same folder) on ``accelerator``; else record ``ema``."""
+    dirname = ema_dirname(ema.name)
+    try:
+        taken = _EMAS_BY_ACCELERATOR.setdefault(accelerator, weakref.WeakValueDictionary())
+    except TypeError:  # an accelerator stand-in that cannot be weakly referenced: nothing to check against
+        return
+    other = taken.get(dirname)
+    if other is not None and other is not ema:
+        label = "without a name" if ema.name is None else f"named {ema.name!r}"
+        raise ValueError(
+            f"This accelerator already has an EMAState {label} ({other!r}); a second one would save to and load "
+            f"from the same `{dirname}` folder. Give each EMA its own `name=` (e.g. name='slow'), or drop the "
+            "first one (del it) before building another."
+        )
+    taken[dirname] = ema
+
 
 def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any]:
-    """Make ``accelerator.save_state`` / ``load_state`` save and restore ``ema`` as ``<dir>/ema_net``.
+    """Make ``accelerator.save_state`` / ``load_state`` save and restore ``ema`` as ``<dir>/ema_net`` (a named EMA:
+    ``<dir>/ema_net-<name>``).
 
     Called by ``EMAState(model, accelerator=accelerator)``; the hooks hold the EMA weakly.
 
@@ -35,11 +64,15 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
     Returns:
         The two removable hook handles (save, load).
 
+    Raises:
+        ValueError: If another live EMA with the same name is registered with ``accelerator``.
+
     Example:
         >>> from accelerate import Accelerator  # doctest: +SKIP
         >>> ema = EMAState(model, accelerator=accelerator)  # registers itself  # doctest: +SKIP
         >>> accelerator.save_state("ckpt")  # writes ckpt/ema_net/  # doctest: +SKIP
     """
+    _claim_folder(ema, accelerator)
     ref = weakref.ref(ema)
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
@@ -55,7 +88,8 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
         obj = ref()
         if obj is None:
             return
-        ema_dir = os.path.join(input_dir, EMA_DIRNAME)
+        dirname = ema_dirname(obj.name)
+        ema_dir = os.path.join(input_dir, dirname)
         # An incomplete ema_net is loaded so that its error is raised; a save interrupted between its renames is
         # recovered from the previous folder (find_ema_dir).
         if os.path.isdir(ema_dir) or find_ema_dir(ema_dir) is not None:
@@ -64,7 +98,7 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
             logger.warning(
                 "%s has no %s folder: the EMA keeps its current weights (a copy of the model at its creation).",
                 input_dir,
-                EMA_DIRNAME,
+                dirname,
             )
 
     return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(

@@ -103,6 +103,12 @@ class EMAArguments:
             "help": "`warmup` schedule: updates after the first that still copy the weights; default 0."
         },
     )
+    ema_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of this EMA: its checkpoint folder becomes ema_net-<name> (default: ema_net)."
+        },
+    )
     # The EMA scaling rule (Busbridge et al. 2023); passed only when set.
     ema_reference_batch_size: int | None = field(
         default=None,
@@ -157,6 +163,7 @@ class EMAArguments:
                     ("inv_gamma", self.ema_inv_gamma),
                     ("min_decay", self.ema_min_decay),
                     ("update_after_step", self.ema_update_after_step),
+                    ("name", self.ema_name),
                 )
                 if value is not None  # given only when set: other schedules refuse these arguments
             },

@@ -45,27 +45,48 @@ Why these hooks (checked against ``transformers`` 5.24; the same order holds in 
   integrations (TensorBoard, W&B, MLflow, ...) before user callbacks, and they send the log in their own ``on_log``;
   so ``on_train_begin`` puts a small log-only callback at the head of the Trainer's list (a new list: the handler
   is iterating the old one), and ``on_train_end`` takes it out again. The order of every other event is unchanged.
+* Several EMAs (e.g. decays 0.999 and 0.9999) are several callbacks, each with its own ``name``. They find each
+  other in ``on_train_begin`` through the Trainer's callback list, which is also where duplicates (the same object
+  twice, two callbacks with one name) are refused, before any step. Exactly one, the *primary* (the unnamed one,
+  else the first listed), swaps its EMA in for the Trainer's evaluations and applies ``load_best_model_at_end`` /
+  ``replace_at_end``; each other one, *secondary*, only updates, saves (``ema_net-<name>``) and resumes its own EMA,
+  and is evaluated by the primary right after each of its evaluations, under ``eval_ema_<name>``, inside its own
+  ``average_parameters()``. Whatever reads the weights (an update, building an EMA) while the primary holds its
+  EMA in the model for a due evaluation swaps it out first and back after, so no EMA ever averages another EMA.
+* Evaluations that the Trainer would not run without hf_ema (``eval_both``, secondary EMAs) run with the global
+  random states (torch, CUDA, ``random``, NumPy) saved before and put back after, so they do not shift the random
+  numbers that training draws next (dropout, ...): the training trajectory is the one of the same run without
+  hf_ema.
+* Logging: the Trainer hands its ``log_level`` / ``log_level_replica`` to transformers' logging; while it trains,
+  the ``hf_ema`` loggers take that verbosity (with ``log_level="passive"`` only if the user set no level on the
+  ``hf_ema`` logger), and when no logging is configured at all they print to stderr like transformers' own
+  (``[hf_ema] ...``). After training the ``hf_ema`` logger is put back as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import random
+import re
 import sys
 import weakref
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 
-from .io import EMA_DIRNAME
+from .io import ema_dirname
 from .loading import has_ema
 from .schedules import IDecayFunction, supergradients_kwargs
-from .state import EMAState
+from .state import EMAState, _check_device
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -102,6 +123,104 @@ def _find_running_trainer() -> tuple[Trainer | None, str | None]:
     finally:
         del frame
     return None, None
+
+
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Prints to the ``sys.stderr`` of the moment (so captured output, e.g. in notebooks, catches it), formatted like
+    transformers' default handler: ``[hf_ema] message``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("[hf_ema] %(message)s"))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _TrainerVerbosity:
+    """While a Trainer trains, the ``hf_ema`` loggers log at that Trainer's verbosity; afterwards they are put back.
+
+    The Trainer hands ``log_level`` (main process) / ``log_level_replica`` (others) to transformers' logging when it
+    is built; each EMA callback calls :meth:`begin` at train start and :meth:`end` at train end, and the state is
+    saved by the first and restored by the last one of a run. With ``"passive"`` (the Trainer's default) the
+    ``hf_ema`` logger follows transformers' verbosity only when the user has set no level on it. A handler is added
+    only while no logging is configured at all (no handler on the root logger): otherwise records reach the user's
+    handlers through the root logger, and a handler of ours would print them twice.
+    """
+
+    def __init__(self) -> None:
+        self._run: Any = None  # weak reference to the Trainer of the run in progress
+        self._saved_level: int | None = None
+        self._users: set[int] = set()
+        self._handler: _StderrHandler | None = None
+
+    def begin(self, callback: EMATrainerCallback, trainer: Any, args: Any) -> None:
+        lib = logging.getLogger("hf_ema")
+        current = self._run() if self._run is not None else None
+        if self._run is None or current is not trainer:  # a new run (an earlier one that raised left no end)
+            if self._saved_level is None:
+                self._saved_level = lib.level
+            self._run = weakref.ref(trainer) if trainer is not None else (lambda: None)
+            self._users = set()
+        self._users.add(id(callback))
+        should_log = getattr(args, "should_log", True)
+        chosen = getattr(args, "log_level" if should_log else "log_level_replica", "passive")
+        if chosen != "passive" or self._saved_level == logging.NOTSET:
+            lib.setLevel(hf_logging.get_verbosity())
+        if self._handler is None:
+            self._handler = _StderrHandler()
+        if logging.getLogger().handlers:
+            lib.removeHandler(self._handler)
+        elif not lib.handlers:
+            lib.addHandler(self._handler)
+
+    def end(self, callback: EMATrainerCallback) -> None:
+        self._users.discard(id(callback))
+        if self._users:
+            return
+        lib = logging.getLogger("hf_ema")
+        if self._saved_level is not None:
+            lib.setLevel(self._saved_level)
+        if self._handler is not None:
+            lib.removeHandler(self._handler)
+        self._run, self._saved_level = None, None
+
+
+_VERBOSITY = _TrainerVerbosity()
+
+
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """Run the block, then put the global random states (torch CPU and CUDA, ``random``, NumPy) back as they were.
+
+    An evaluation that the Trainer would not run without hf_ema (``eval_both``, secondary EMAs) draws random numbers
+    (each DataLoader iterator draws its base seed); without this, dropout masks and the like after it would differ
+    from those of the same run without hf_ema.
+    """
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with transformers
+        np, np_state = None, None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
 
 
 def _checkpoint_step(path: str) -> int | None:
@@ -148,15 +267,33 @@ class EMATrainerCallback(TrainerCallback):
 
     * builds the EMA from the model at the start of training, or restores it from ``<checkpoint>/ema_net`` when
       resuming (a checkpoint without one: a warning, and the EMA starts from the loaded weights);
-    * updates it once per optimizer step and logs the decay used as ``ema_decay``;
+    * updates it once per optimizer step and logs the schedule's decay of the last step as ``ema_decay`` and, with
+      ``update_every > 1``, the decay the last averaging applied (the schedule's ``interval_decay``:
+      ``ema_decay ** update_every`` unless the schedule says otherwise) as ``ema_decay_applied`` (a named EMA:
+      ``ema_<name>_decay``, ``ema_<name>_decay_applied``);
     * evaluates with the EMA weights (``eval_strategy`` steps/epoch and ``eval_on_start``), putting the training
       weights back bitwise before training continues and before the checkpoint's regular weights are written;
       ``eval_both=True`` also reports the training weights' metrics under ``raw_prefix``;
     * writes ``checkpoint-N/ema_net/`` next to every checkpoint (``hf_ema.load_model`` and
       ``AutoModel...from_pretrained(".../ema_net")`` read it);
     * at the end loads the best checkpoint's EMA (``load_best_model_at_end=True``) and, when ``replace_at_end``,
-      puts the EMA weights into the model, so ``trainer.save_model()`` / ``trainer.evaluate()`` use them.
+      puts the EMA weights into the model, so ``trainer.save_model()`` / ``trainer.evaluate()`` use them. With
+      ``replace_at_end=False`` the model keeps the training weights, and so do ``trainer.evaluate()`` /
+      ``trainer.predict()`` after training; evaluate the EMA with
+      ``with callback.ema.average_parameters(): trainer.evaluate()``;
+    * warns once at the start when the averaging horizon ``N / (1 - decay**N)`` (``1 / (1 - decay)`` optimizer
+      steps for ``update_every = N = 1``) exceeds ``max_steps``: such an EMA still leans on the early weights at the
+      end of training.
 
+    Several EMAs (e.g. decays 0.999 and 0.9999): one callback each, each with its own ``name``. The unnamed one (or,
+    if all are named, the first listed) is the *primary*: the Trainer's evaluations (``eval_*``), the best-model
+    choice and ``replace_at_end`` use it. Every named one is *secondary*: it keeps, saves (``ema_net-<name>/`` in
+    each checkpoint) and resumes its own EMA, ignores ``replace_at_end``, ``eval_both`` and
+    ``load_best_model_at_end`` (its last EMA stays; each checkpoint holds its EMA of that step), and, unless
+    ``evaluate=False``, is evaluated right after each evaluation of the primary under ``eval_prefix``
+    (default ``eval_ema_<name>``, e.g. ``eval_ema_slow_loss``). ``hf_ema.load_model(cls, path, ema=name)`` loads
+    one. The same callback object listed twice, or two callbacks with the same name, are refused when training
+    starts (``ValueError``, before any step).
     Args:
         decay: Maximum decay, strictly in (0, 1).
         decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, a name registered in
@@ -173,6 +310,10 @@ class EMATrainerCallback(TrainerCallback):
         eval_both: After each EMA evaluation, also evaluate the training weights and report their metrics under
             ``raw_prefix`` (needs the Trainer: found automatically inside ``Trainer.train``, or see :meth:`bind`).
         raw_prefix: Metric prefix of the training weights' evaluation, e.g. ``eval_raw_loss``.
+        name: ``None`` for the primary EMA (folder ``ema_net``), or a name of letters, digits, ``_``, ``.``, ``-``
+            for another EMA of the same model (folder ``ema_net-<name>``; see above).
+        eval_prefix: Metric prefix of a named EMA's evaluation; default ``eval_ema_<name>``.
+        evaluate: Whether a named (secondary) EMA is evaluated after each evaluation of the primary.
         reference_batch_size: The effective batch ``B_ref`` that ``decay`` is meant for: each optimizer step then
             applies ``d ** (B / B_ref)`` (the EMA scaling rule of Busbridge et al. 2023, arXiv:2307.13813), with
             ``B`` the Trainer's effective batch (per-device batch x gradient accumulation x data-parallel
@@ -194,6 +335,8 @@ class EMATrainerCallback(TrainerCallback):
         >>> # trainer.train()  -> evaluations use the EMA; checkpoints hold ema_net/; the model ends with the EMA
         >>> callback.ema is None  # built when training starts
         True
+        >>> # two EMAs: evaluations use the first; the second is reported as eval_ema_slow_* and saved as ema_net-slow
+        >>> callbacks = [EMATrainerCallback(decay=0.999), EMATrainerCallback(decay=0.9999, name="slow")]
     """
 
     def __init__(
@@ -211,29 +354,45 @@ class EMATrainerCallback(TrainerCallback):
         replace_at_end: bool = True,
         eval_both: bool = False,
         raw_prefix: str = "eval_raw",
+        name: str | None = None,
+        eval_prefix: str | None = None,
+        evaluate: bool = True,
         reference_batch_size: int | None = None,
         batch_size: int | None = None,
         time_unit: str = "steps",
         strict_batch_size: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
-        for name, value in (
+        for arg, value in (
             ("replace_at_end", replace_at_end),
             ("eval_both", eval_both),
             ("trainable_only", trainable_only),
+            ("evaluate", evaluate),
         ):
             if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be True or False, got {type(value).__name__}: {value!r}")
+                raise TypeError(f"`{arg}` must be True or False, got {type(value).__name__}: {value!r}")
         if not isinstance(raw_prefix, str) or not raw_prefix or raw_prefix == "eval":
             raise ValueError(
                 f"`raw_prefix` must be a non-empty metric prefix other than 'eval' (e.g. 'eval_raw'), "
                 f"got {raw_prefix!r}"
             )
-        if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
+        _check_device(device)  # the stand-in model below is built with device=None
+        ema_dirname(name)  # validates `name`
+        if eval_prefix is not None:
+            if name is None:
+                raise ValueError(
+                    f"`eval_prefix` ({eval_prefix!r}) is for a named EMA, evaluated besides the Trainer's own "
+                    "evaluations; the unnamed EMA is what those evaluate (`eval_*`). Pass name=... too, or drop it."
+                )
+            if (
+                not isinstance(eval_prefix, str)
+                or not _PREFIX_RE.fullmatch(eval_prefix)
+                or eval_prefix == "eval"
+            ):
+                raise ValueError(
+                    "`eval_prefix` must be a metric prefix of letters, digits, '_', '.', '-' other than 'eval' "
+                    f"(e.g. 'eval_ema_slow'), got {eval_prefix!r}"
+                )
         self.ema_kwargs: dict[str, Any] = {
             "decay": decay,
             "decay_type": decay_type,
@@ -265,12 +424,19 @@ class EMATrainerCallback(TrainerCallback):
         self.replace_at_end = replace_at_end
         self.eval_both = eval_both
         self.raw_prefix = raw_prefix
+        self.name = name
+        self.eval_prefix = eval_prefix if eval_prefix is not None else (f"eval_ema_{name}" if name else None)
+        self.evaluate = evaluate
         #: The :class:`hf_ema.EMAState` driven by this callback (``None`` until training starts).
         self.ema: EMAState | None = None
         self._trainer_ref: Any = None
         self._bound: Any = None
         self._evals_pending = 0
-        self._in_raw_eval = False
+        self._in_nested_eval = False
+        # The EMA callbacks of this run, self included, in the Trainer's order (set at on_train_begin).
+        self._peers: list[weakref.ref[EMATrainerCallback]] = []
+        self._is_primary = True
+        self._decay_key = "ema_decay" if name is None else f"ema_{name}_decay"
         self._warned_no_trainer = False
         self._warned_push = False
         self._saved_at_step: int | None = None
@@ -346,20 +512,159 @@ class EMATrainerCallback(TrainerCallback):
             model = kwargs.get("model")
         if model is None:
             raise ValueError("EMATrainerCallback: the Trainer passed no model to on_train_begin")
-        self._evals_pending = 0
-        total = self.total_steps
-        if total is None and state.max_steps and state.max_steps > 0:
-            total = int(state.max_steps)
-        batch = self.ema_kwargs.get("batch_size") or self._trainer_batch_size(args)
-        self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total, "batch_size": batch})
-        self._saved_at_step = None
-        if state.global_step > 0:
-            self._restore_for_resume(args, state, resume)
-        self._log_horizon()
-        self._set_log_hook(installed=True)
-        self._training = True
-        if getattr(args, "eval_on_start", False):
-            self._swap_in_for_eval()
+        self._setup_peers()  # refuses duplicates: before anything is built or changed
+        _VERBOSITY.begin(self, self.trainer, args)
+        try:
+            self._evals_pending = 0
+            total = self.total_steps
+            if total is None and state.max_steps and state.max_steps > 0:
+                total = int(state.max_steps)
+            # A primary listed before this callback may hold its EMA in the model already (eval_on_start).
+            with self._training_weights_in():
+                batch = self.ema_kwargs.get("batch_size") or self._trainer_batch_size(args)
+                self.ema = EMAState(
+                    model, **{**self.ema_kwargs, "total_steps": total, "batch_size": batch}, name=self.name
+                )
+                logger.info(
+                    "EMA%s built: decay=%s, decay_type=%s, update_every=%d, %d tensors (%.1f MiB)%s",
+                    self._label(),
+                    self.ema.decay,
+                    self.ema.decay_type,
+                    self.ema.update_every,
+                    len(self.ema.names),
+                    self.ema.num_bytes() / 2**20,
+                    self._role(),
+                )
+                self._saved_at_step = None
+                if state.global_step > 0:
+                    self._restore_for_resume(args, state, resume)
+            self._log_horizon()
+            self._warn_long_horizon(state)
+            self._set_log_hook(installed=True)
+            self._training = True
+            if getattr(args, "eval_on_start", False) and self._is_primary:
+                self._swap_in_for_eval()
+        except BaseException:
+            _VERBOSITY.end(self)
+            raise
+
+    # ------------------------------------------------------------------ several EMAs
+    def _label(self) -> str:
+        return "" if self.name is None else f" {self.name!r}"
+
+    def _role(self) -> str:
+        if len(self._peers) < 2:
+            return ""
+        if self._is_primary:
+            return "; primary: the Trainer's evaluations use it"
+        if self.evaluate:
+            return f"; secondary: evaluated after each evaluation as {self.eval_prefix}_*"
+        return "; secondary, not evaluated (evaluate=False)"
+
+    def _setup_peers(self) -> None:
+        """Find the EMA callbacks of this Trainer, refuse duplicates, and choose the primary."""
+        handler = getattr(self.trainer, "callback_handler", None)
+        callbacks = getattr(handler, "callbacks", None)
+        emas = (
+            [c for c in callbacks if isinstance(c, EMATrainerCallback)] if isinstance(callbacks, list) else []
+        )
+        if not any(c is self for c in emas):  # driven by hand, or bound to a Trainer that does not list it
+            emas = [self]
+        times = Counter(id(c) for c in emas)[id(self)]
+        if times > 1:
+            raise ValueError(
+                f"The EMATrainerCallback{self._label()} object is listed {times} times in the Trainer's callbacks: "
+                f"it would update its EMA {times} times per optimizer step. List each callback once; for several "
+                "EMAs use several callbacks, each with its own `name=`."
+            )
+        names = Counter(c.name for c in emas)
+        clash = [n for n, k in names.items() if k > 1]
+        if clash:
+            which = "without a name" if clash[0] is None else f"named {clash[0]!r}"
+            raise ValueError(
+                f"{names[clash[0]]} EMATrainerCallbacks {which} in one Trainer: they would write the same "
+                f"`{ema_dirname(clash[0])}` folder in each checkpoint. Give each its own `name=` (e.g. "
+                "name='slow'); the unnamed one is the primary, which the Trainer's evaluations use."
+            )
+        primary = next((c for c in emas if c.name is None), emas[0])
+        prefixes = ["eval"] + ([primary.raw_prefix] if primary.eval_both else [])
+        prefixes += [c.eval_prefix for c in emas if c is not primary and c.evaluate and c.eval_prefix]
+        same = sorted(p for p, k in Counter(prefixes).items() if k > 1)
+        if same:
+            raise ValueError(
+                f"Metric prefix {same[0]!r} is used by two evaluations (the Trainer's 'eval', the primary's "
+                "`raw_prefix` with eval_both, and each named EMA's `eval_prefix`): their metrics would overwrite "
+                "each other. Give each EMATrainerCallback its own `eval_prefix`."
+            )
+        self._peers = [weakref.ref(c) for c in emas]
+        self._is_primary = primary is self
+        if not self._is_primary and self.eval_both:
+            logger.warning(
+                "EMATrainerCallback%s: eval_both=True is ignored; the primary EMA's evaluations (the unnamed "
+                "callback's) decide whether the training weights are evaluated too.",
+                self._label(),
+            )
+        if self._is_primary and self.name is not None and len(emas) > 1:
+            logger.info(
+                "EMATrainerCallback%s is the primary EMA (no unnamed one; it is listed first): the Trainer's "
+                "evaluations (eval_*) use it%s.",
+                self._label(),
+                f"; eval_prefix={self.eval_prefix!r} is not used" if self.eval_prefix else "",
+            )
+
+    def _peer_callbacks(self) -> list[EMATrainerCallback]:
+        return [c for c in (ref() for ref in self._peers) if c is not None]
+
+    @contextlib.contextmanager
+    def _training_weights_in(self) -> Iterator[None]:
+        """The training weights in the model for the block: another EMA callback holding its EMA in the model
+        for a due evaluation (the primary, listed before this one) is swapped out, then back in, bitwise."""
+        out = [c for c in self._peer_callbacks() if c is not self and c._evals_pending and c.ema is not None]
+        for c in out:
+            c.ema.swap()
+        try:
+            yield
+        finally:
+            for c in reversed(out):
+                c.ema.swap()
+
+    def _warn_long_horizon(self, state: TrainerState) -> None:
+        """Warn once per run when the EMA averages over more optimizer steps than the run has.
+
+        The averaging horizon is ``N / (1 - decay**N)`` optimizer steps (``N = update_every``; ``1 / (1 - decay)``
+        for ``N = 1``): the age, in steps, at which a weight's share in the EMA has fallen by the factor e. When it
+        exceeds ``max_steps``, a constant-decay EMA still holds more than ``exp(-1)`` (37%) of the initial weights
+        at the end; warm-up schedules (threshold, exp) shrink that share but still average over most of the run,
+        early weights included, and never reach the decay that was asked for.
+        """
+        assert self.ema is not None
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        n, decay = self.ema.update_every, self.ema.decay
+        h = self.ema.horizon()  # with reference_batch_size: at decay ** (B / B_ref) per optimizer step
+        horizon = h["steps"]
+        if max_steps <= 0 or horizon <= max_steps:
+            return
+        detail = ""
+        if self.ema.decay_type == "constant":
+            share = h["applied_decay"] ** (max_steps // n)
+            detail = f" (with this constant decay the initial weights keep {share:.0%} of the final EMA)"
+        # The decay to ask for, at the reference batch when there is one: (per-step decay) ** (B_ref / B).
+        kappa = h["batch_size"] / h["reference_batch_size"] if h["reference_batch_size"] else 1.0
+        hint = ""
+        if max_steps >= 20:
+            hint = f", e.g. decay={(1 - 10 / max_steps) ** (1 / kappa):.4g} (horizon max_steps/10)"
+        logger.warning(
+            "EMA%s: decay=%s%s averages over about %d optimizer steps, more than this run's max_steps=%d: at the "
+            "end the EMA still leans on the early weights%s. Choose a decay whose horizon 1/(1-decay) is well "
+            "below max_steps%s.",
+            self._label(),
+            decay,
+            f" with update_every={n}" if n > 1 else "",
+            round(horizon),
+            max_steps,
+            detail,
+            hint,
+        )
 
     def _trainer_batch_size(self, args: TrainingArguments) -> int | None:
         """The Trainer's effective batch: samples per optimizer step over all data-parallel processes.
@@ -418,17 +723,20 @@ class EMATrainerCallback(TrainerCallback):
             if c and os.path.isdir(c) and _checkpoint_step(c) in (step, None):
                 checkpoint = c
                 break
-        if checkpoint is not None and has_ema(checkpoint):
-            self.ema.load(checkpoint)
+        if checkpoint is not None and has_ema(checkpoint, self.name):
+            self.ema.load(checkpoint)  # its own folder: ema_net, or ema_net-<name> for a named EMA
             logger.info(
-                "EMA restored from %s (EMA step %d)", os.path.join(checkpoint, EMA_DIRNAME), self.ema.step
+                "EMA%s restored from %s (EMA step %d)",
+                self._label(),
+                os.path.join(checkpoint, ema_dirname(self.name)),
+                self.ema.step,
             )
             return
         where = repr(checkpoint) if checkpoint else f"any of {[c for c in candidates if c]}"
         logger.warning(
             "Resuming at step %d but no `%s` folder was found in %s: the EMA starts from the loaded weights.",
             step,
-            EMA_DIRNAME,
+            ema_dirname(self.name),
             where,
         )
         # Keep the schedule aligned with the optimizer steps already taken.
@@ -453,14 +761,18 @@ class EMATrainerCallback(TrainerCallback):
         self._ensure_training_weights("the EMA update")
         optimizer = kwargs.get("optimizer")
         if not getattr(optimizer, "step_was_skipped", False):
-            self.ema.update()
-        if control.should_evaluate:
+            if len(self._peers) > 1:
+                with self._training_weights_in():
+                    self.ema.update()
+            else:
+                self.ema.update()
+        if control.should_evaluate and self._is_primary:
             self._swap_in_for_eval()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if control.should_evaluate:
+        if control.should_evaluate and self._is_primary:
             self._swap_in_for_eval()
 
     def on_log(
@@ -475,14 +787,24 @@ class EMATrainerCallback(TrainerCallback):
 
     def _add_decay_to_logs(self, state: TrainerState, logs: dict[str, float] | None) -> None:
         """Add the decay of the last update to a training log (one with ``loss``) and to its ``log_history``
-        entry; idempotent, as both this callback and its log hook call it."""
+        entry; idempotent, as both this callback and its log hook call it.
+
+        ``ema_decay`` is the schedule's per-step decay ``d`` of the last optimizer step; with ``update_every = N >
+        1`` the EMA averages every N-th step with ``D = interval_decay(...)`` (``d**N`` by default), logged as
+        ``ema_decay_applied`` (that of the last averaging; absent before the first one). A named EMA logs
+        ``ema_<name>_decay`` and ``ema_<name>_decay_applied``.
+        """
         if self.ema is None or self.ema.last_decay is None or not logs or "loss" not in logs:
             return
-        logs["ema_decay"] = self.ema.last_decay
+        added = {self._decay_key: self.ema.last_decay}
+        applied = getattr(self.ema, "last_applied_decay", None)
+        if self.ema.update_every > 1 and applied is not None:
+            added[f"{self._decay_key}_applied"] = applied
+        logs.update(added)
         if state.log_history:
             last = state.log_history[-1]
             if last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
-                last["ema_decay"] = self.ema.last_decay
+                last.update(added)
 
     # ------------------------------------------------------------------ evaluation
     def _num_eval_datasets(self) -> int:
@@ -513,16 +835,23 @@ class EMATrainerCallback(TrainerCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if self._in_raw_eval or not self._evals_pending or self.ema is None:
-            return  # not an evaluation we prepared (e.g. a user's trainer.evaluate())
+        if self._in_nested_eval or not self._evals_pending or self.ema is None:
+            return  # not an evaluation we prepared (e.g. a user's trainer.evaluate(), or a nested one)
         self._evals_pending -= 1
         if self._evals_pending:
             return
         self.ema.swap()  # training weights back, bitwise, before the checkpoint and the next step
-        if self.eval_both and metrics is not None:
-            self._evaluate_raw(metrics)
+        if metrics is None:
+            return
+        if self.eval_both:
+            self._nested_evaluate(self.raw_prefix, metrics, None)
+        for other in self._peer_callbacks():  # the secondary EMAs, each inside its own average_parameters()
+            if other is not self and other.evaluate and other.ema is not None and other.eval_prefix:
+                self._nested_evaluate(other.eval_prefix, metrics, other.ema)
 
-    def _evaluate_raw(self, metrics: dict[str, float]) -> None:
+    def _nested_evaluate(self, prefix: str, metrics: dict[str, float], ema: EMAState | None) -> None:
+        """``trainer.evaluate(metric_key_prefix=prefix)`` on the training weights (``ema=None``) or inside
+        ``ema.average_parameters()``; its metrics join ``metrics`` (the evaluation logs them itself too)."""
         trainer = self.trainer
         if trainer is None:
             if not self._warned_no_trainer:
@@ -531,12 +860,16 @@ class EMATrainerCallback(TrainerCallback):
                 )
                 self._warned_no_trainer = True
             return
-        self._in_raw_eval = True
+        self._in_nested_eval = True
         try:
-            raw = trainer.evaluate(metric_key_prefix=self.raw_prefix)
+            with (
+                _random_states_kept(),
+                ema.average_parameters() if ema is not None else contextlib.nullcontext(),
+            ):
+                out = trainer.evaluate(metric_key_prefix=prefix)
         finally:
-            self._in_raw_eval = False
-        metrics.update({k: v for k, v in raw.items() if k.startswith(self.raw_prefix)})
+            self._in_nested_eval = False
+        metrics.update({k: v for k, v in out.items() if k.startswith(f"{prefix}_")})
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_dir(self, args: TrainingArguments, state: TrainerState) -> str | None:
@@ -572,11 +905,11 @@ class EMATrainerCallback(TrainerCallback):
                 logger.warning(
                     "EMATrainerCallback: checkpoints pushed to the Hub carry no `%s` with a sharded model (gathering "
                     "it needs every process; the Trainer pushes from the main one); local checkpoints have it.",
-                    EMA_DIRNAME,
+                    ema_dirname(self.name),
                 )
                 self._warned_push = True
             return
-        self.ema.save(path)
+        logger.info("EMA%s saved to %s", self._label(), self.ema.save(path))
         self._saved_at_step = state.global_step
 
     def on_save(
@@ -603,7 +936,11 @@ class EMATrainerCallback(TrainerCallback):
             )
             self.ema.ema_state_dict()  # still join the gather that other ranks run in save()
             return
-        self.ema.save(path or os.path.join(args.output_dir, f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        saved = self.ema.save(
+            path or os.path.join(args.output_dir, f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        )
+        if state.is_world_process_zero:
+            logger.info("EMA%s saved to %s", self._label(), saved)
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(
@@ -612,19 +949,30 @@ class EMATrainerCallback(TrainerCallback):
         self._set_log_hook(installed=False)
         self._training = False
         self._saved_at_step = None
+        try:
+            self._finish_training(args, state)
+        finally:
+            _VERBOSITY.end(self)
+
+    def _finish_training(self, args: TrainingArguments, state: TrainerState) -> None:
         if self.ema is None:
             return
         self._ensure_training_weights("the end of training")
+        if not self._is_primary:  # a secondary EMA keeps its last value; the model is the primary's business
+            return
         best = state.best_model_checkpoint
+        dirname = ema_dirname(self.name)
         if args.load_best_model_at_end and best:
-            if has_ema(best):
+            if has_ema(best, self.name):
                 self.ema.load(best)
-                logger.info("EMA of the best checkpoint loaded from %s", os.path.join(best, EMA_DIRNAME))
+                logger.info(
+                    "EMA%s of the best checkpoint loaded from %s", self._label(), os.path.join(best, dirname)
+                )
             else:
                 logger.warning(
                     "load_best_model_at_end: the best checkpoint %s has no `%s`; keeping the last EMA.",
                     best,
-                    EMA_DIRNAME,
+                    dirname,
                 )
         if self.replace_at_end:
             self.ema.copy_to()

@@ -9,6 +9,13 @@ updates in place:
 * DeepSpeed ZeRO-3: the ``ds_tensor`` partition.
 
 Averaging local tensors needs no communication; only saving a full ``ema_net`` gathers.
+
+Frameworks also keep *full* copies of some parameters between forwards, and a forward reads those instead of the
+local tensor: FSDP2 keeps a module's parameters unsharded after its forward when ``reshard_after_forward=False`` (the
+root module by default, and the group Accelerate puts embeddings, final norm and head in); ZeRO-3 keeps parameters
+gathered (``ds_status == AVAILABLE``): small ones (``ds_persist``) for good, others until they are released. So every
+write of local tensors (the EMA swap, its restore, ``copy_to``) is bracketed by :func:`before_local_write` and
+:func:`after_local_write`, which make the next forward read what was written.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import torch
 from torch import nn
 
 __all__ = [
+    "after_local_write",
     "barrier",
+    "before_local_write",
     "full_shape",
     "full_tensor",
     "is_dtensor",
@@ -299,3 +308,112 @@ def barrier() -> None:
     """Wait for all processes of the default group (no-op on a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------- full copies a forward reads
+def _fsdp_module_class() -> type | None:
+    """``FSDPModule`` (public since torch 2.6; ``torch.distributed._composable.fsdp`` before)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6, or built without distributed
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _zero3_status(param: torch.Tensor) -> str:
+    """``"AVAILABLE"`` / ``"NOT_AVAILABLE"`` / ``"INFLIGHT"``: the name of a ZeRO-3 parameter's ``ds_status``."""
+    status = getattr(param, "ds_status", None)
+    return getattr(status, "name", str(status))
+
+
+def before_local_write(model: nn.Module) -> None:
+    """Prepare ``model`` for in-place writes into the local tensors of its parameters and buffers.
+
+    * FSDP2: every ``FSDPModule`` of ``model`` is resharded (:meth:`FSDPModule.reshard`, local, no
+      communication): its unsharded parameters, which the next forward would otherwise read again without
+      all-gathering, are freed, and the module holds its sharded ``DTensor`` parameters again. The next forward
+      all-gathers the shards, so it reads what was written. Call this *before* looking at the module's parameters:
+      while unsharded, the module holds plain tensors, not the ``DTensor`` s the local tensors belong to.
+    * ZeRO-3: refuses (``RuntimeError``) while an all-gather of a parameter is in flight (inside a forward): it
+      would fill the gathered parameter with the partitions as they were before the write.
+    * Plain tensors and DDP: nothing to do.
+
+    Args:
+        model: The module whose tensors are written (the tracked model, or a ``copy_to`` target).
+
+    Raises:
+        RuntimeError: If a ZeRO-3 all-gather of one of the model's parameters is in flight.
+
+    Example:
+        >>> before_local_write(nn.Linear(2, 2))  # unsharded: nothing to do
+    """
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is not None:
+        for module in model.modules():
+            if isinstance(module, fsdp_module):
+                module.reshard()
+    inflight = [
+        n for n, p in model.named_parameters() if is_zero3_param(p) and _zero3_status(p) == "INFLIGHT"
+    ]
+    if inflight:
+        raise RuntimeError(
+            f"Cannot write the EMA into the model while DeepSpeed ZeRO-3 is gathering {len(inflight)} of its "
+            f"parameters ({inflight[:5]}): swap, restore or copy_to only between forward passes, not inside one"
+        )
+
+
+def after_local_write(sources: Sequence[torch.Tensor]) -> None:
+    """Bring the full copies that a forward reads up to date with freshly written local tensors of ``sources``.
+
+    * ZeRO-3: a parameter that is gathered (``ds_status == AVAILABLE``, e.g. a small ``ds_persist`` parameter,
+      which DeepSpeed keeps gathered across steps) keeps its full tensor in ``param.data``, and the next forward
+      reads that without gathering. Its full tensor is rebuilt from the written partitions of all ranks, in place
+      (one ``all_gather`` per process group and dtype, over all gathered parameters at once): the state
+      DeepSpeed itself leaves after an optimizer step. ZeRO++ secondary partitions (hpZ) of the written
+      parameters are dropped, as DeepSpeed does after a step, so they are rebuilt from the new values. This is a
+      collective: every rank of the group must call it with the same parameters (as every rank swaps).
+    * FSDP2: nothing to do (:func:`before_local_write` resharded; the next forward all-gathers the shards).
+    * Plain tensors and DDP: nothing to do.
+
+    Args:
+        sources: The parameters / buffers whose local tensors were written, in the same order on every rank.
+
+    Example:
+        >>> after_local_write([nn.Parameter(torch.ones(2))])  # unsharded: nothing to do
+    """
+    gathered: dict[tuple, list[torch.Tensor]] = {}
+    for s in sources:
+        if not is_zero3_param(s):
+            continue
+        if getattr(s, "ds_secondary_tensor", None) is not None:
+            s.ds_secondary_tensor = None
+        if _zero3_status(s) == "AVAILABLE":
+            # gathered where the full tensor lives (the compute device, also when partitions are offloaded)
+            key = (id(getattr(s, "ds_process_group", None)), s.ds_tensor.dtype, s.data.device)
+            gathered.setdefault(key, []).append(s)
+    for params in gathered.values():
+        _regather_zero3(params)
+
+
+def _regather_zero3(params: list[torch.Tensor]) -> None:
+    """Rebuild ``param.data`` (the full tensor) of gathered ZeRO-3 parameters from their partitions, in place.
+
+    All ``params`` share a process group, dtype and device. Each rank contributes the concatenation of its
+    partitions (``n_i`` elements for parameter ``i``, the same on every rank); after one ``all_gather`` into a
+    ``[world, sum n_i]`` buffer, parameter ``i`` is column block ``[offset_i, offset_i + n_i)`` read row by row
+    (rank 0's partition first), cut to ``ds_numel`` (the last partition is zero-padded).
+    """
+    group, world, _, _ = _zero3_layout(params[0])
+    device = params[0].data.device
+    flat = torch.cat([p.ds_tensor.detach().reshape(-1).to(device) for p in params])
+    per_rank = torch.empty((world, flat.numel()), dtype=flat.dtype, device=device)
+    torch.distributed.all_gather(list(per_rank.unbind(0)), flat, group=group)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.ds_tensor.numel()
+            p.data.view(-1).copy_(per_rank[:, offset : offset + n].reshape(-1)[: p.ds_numel])
+            offset += n

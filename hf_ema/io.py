@@ -2,10 +2,15 @@
 
 Layout of ``<dir>/ema_net/``:
 
-* ``model.safetensors``: the EMA weights under the model's own state-dict names, so that for a
-  ``PreTrainedModel`` the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
+* ``model.safetensors``: the EMA weights under the model's own state-dict names (what resuming reads);
 * ``ema_state.json``: step count, schedule and arguments, library version (everything to resume exactly);
-* ``config.json``: the model's Hugging Face config, when it has one.
+* ``config.json``: the model's Hugging Face config, only when ``model.safetensors`` is the complete model under the
+  names ``from_pretrained`` reads, so that the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
+* for a PEFT model, ``adapter_model.safetensors`` + ``adapter_config.json`` (see :mod:`hf_ema.adapters`), so that
+  ``PeftModel.from_pretrained(base, <dir>/ema_net)`` loads the EMA adapter.
+
+A named EMA (``EMAState(..., name="slow")``, several EMAs of one model) has the same layout in
+``<dir>/ema_net-slow/`` (:func:`ema_dirname`).
 
 The folder is first written next to its final place under a temporary name, then renamed into place, so a crash
 mid-save leaves either the previous ``ema_net`` or the new one, never a half-written folder that loads.
@@ -16,10 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,7 @@ __all__ = [
     "EMAFileError",
     "EMANetReader",
     "atomic_write_text",
+    "ema_dirname",
     "find_ema_dir",
     "load_ema_meta",
     "load_ema_net",
@@ -45,18 +52,69 @@ EMA_DIRNAME = "ema_net"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "ema_state.json"
 CONFIG_NAME = "config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# Temporary and previous folders of a save carry 8 hex digits; matching exactly those keeps one EMA's leftovers
+# (``.ema_net-a.old-1234abcd``) apart from another EMA whose name merely starts alike (``a.old-x``).
+_TMP_SUFFIX_GLOB = "????????"
 
 
 class EMAFileError(ValueError):
     """An ``ema_net`` folder is missing, incomplete or corrupt."""
 
 
-def _ema_dir(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is an ``ema_net`` folder (holds ``ema_state.json``), else ``path/ema_net``."""
+def summarize_names(names: Iterable[str], limit: int = 5) -> str:
+    """``'a', 'b', 'c' and 12 more (15 in all)`` for error messages: the first ``limit`` names and a count."""
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    if len(names) <= limit:
+        return shown
+    return f"{shown} and {len(names) - limit} more ({len(names)} in all)"
+
+
+def ema_dirname(name: str | None = None) -> str:
+    """The folder name of the EMA called ``name`` in a checkpoint: ``ema_net`` for ``None``, else ``ema_net-<name>``.
+
+    Several EMAs of one model (e.g. decays 0.999 and 0.9999) each get a name, hence a folder of their own beside
+    the unnamed one; ``hf_ema.load_model(..., ema=name)`` and ``EMAState(..., name=name).load(dir)`` pick it.
+
+    Args:
+        name: ``None`` or a non-empty string of letters, digits, ``_``, ``.`` and ``-``.
+
+    Raises:
+        ValueError: If ``name`` is not ``None`` and not such a string.
+
+    Example:
+        >>> ema_dirname(), ema_dirname("slow")
+        ('ema_net', 'ema_net-slow')
+    """
+    if name is None:
+        return EMA_DIRNAME
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"`name` of an EMA must be None or a non-empty string of letters, digits, '_', '.' and '-' "
+            f"(its folder is 'ema_net-<name>'), got {name!r}"
+        )
+    return f"{EMA_DIRNAME}-{name}"
+
+
+def _is_ema_dirname(folder: str) -> bool:
+    if folder == EMA_DIRNAME:
+        return True
+    prefix = f"{EMA_DIRNAME}-"
+    return folder.startswith(prefix) and _NAME_RE.fullmatch(folder[len(prefix) :]) is not None
+
+
+def _ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    """``path`` itself when it is an EMA folder (holds ``ema_state.json``, or is called ``ema_net`` /
+    ``ema_net-<name>``), else ``path/ema_net`` (``path/ema_net-<name>`` for a named EMA)."""
     path = Path(path)
-    if (path / STATE_NAME).is_file() or path.name == EMA_DIRNAME:
+    if (path / STATE_NAME).is_file() or _is_ema_dirname(path.name):
         return path
-    return path / EMA_DIRNAME
+    return path / ema_dirname(name)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -104,14 +162,25 @@ def save_ema_net(
     tensors: Mapping[str, torch.Tensor],
     meta: Mapping[str, Any],
     config: Any = None,
+    files: Mapping[str, Mapping[str, torch.Tensor] | str] | None = None,
+    dirname: str = EMA_DIRNAME,
 ) -> Path:
     """Write ``directory/ema_net/`` atomically.
+
+    ``config.json`` is written only when ``tensors`` are a complete model that ``from_pretrained(ema_net)`` reads
+    under its own names: not when ``meta["trainable_only"]`` is true (part of the model only: ``from_pretrained``
+    would quietly initialise the rest at random) and not when ``files`` hold an ``adapter_config.json`` (a PEFT
+    model: its names are ``base_model.model.…``, which the base class does not read; the adapter files are what
+    loads). Without it, ``from_pretrained(ema_net)`` fails loudly instead.
 
     Args:
         directory: The checkpoint folder (created if missing); the EMA goes to its ``ema_net`` sub-folder.
         tensors: EMA weights under the model's state-dict names.
         meta: JSON-serialisable state (step, schedule, arguments).
-        config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional).
+        config: A Hugging Face ``PretrainedConfig`` to write as ``config.json`` (optional, see above).
+        files: More files for the folder, by path relative to it (e.g. ``"adapter_model.safetensors"``, or
+            ``"other/adapter_config.json"``): a mapping of tensors is written as safetensors, a string as text.
+        dirname: The sub-folder's name, ``ema_net`` or, for a named EMA, ``ema_dirname(name)``.
 
     Returns:
         The path of the ``ema_net`` folder.
@@ -124,21 +193,43 @@ def save_ema_net(
     """
     from safetensors.torch import save_file
 
+    if not _is_ema_dirname(dirname):
+        raise ValueError(
+            f"`dirname` must be 'ema_net' or 'ema_net-<name>' (see ema_dirname), got {dirname!r}"
+        )
+    files = dict(files or {})
+    for rel in files:
+        bad = (
+            Path(rel).is_absolute()
+            or ".." in Path(rel).parts
+            or rel in (WEIGHTS_NAME, STATE_NAME, CONFIG_NAME)
+        )
+        if bad or not Path(rel).parts:
+            raise ValueError(f"save_ema_net: extra file {rel!r} must be a new relative path inside ema_net")
+    adapter = any(Path(rel).name == ADAPTER_CONFIG_NAME for rel in files)
+    complete = not meta.get("trainable_only", False) and not adapter
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / EMA_DIRNAME
-    tmp = directory / f".{EMA_DIRNAME}.tmp-{uuid.uuid4().hex[:8]}"
-    old = directory / f".{EMA_DIRNAME}.old-{uuid.uuid4().hex[:8]}"
+    final = directory / dirname
+    tmp = directory / f".{dirname}.tmp-{uuid.uuid4().hex[:8]}"
+    old = directory / f".{dirname}.old-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         text = json.dumps(dict(meta), indent=2, sort_keys=True)
         atomic_write_text(tmp / STATE_NAME, text)
-        if config is not None and hasattr(config, "to_json_string"):
+        if complete and config is not None and hasattr(config, "to_json_string"):
             atomic_write_text(tmp / CONFIG_NAME, config.to_json_string())
-        for f in tmp.iterdir():  # data on disk before the folder becomes visible under its real name
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for rel, content in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str):
+                atomic_write_text(tmp / rel, content)
+            else:
+                save_file(_contiguous_cpu(content), str(tmp / rel), metadata={"format": "pt"})
+        for f in tmp.rglob("*"):  # data on disk before the folder becomes visible under its real name
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -147,15 +238,16 @@ def save_ema_net(
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    for stale in [old, *directory.glob(f".{EMA_DIRNAME}.old-*")]:  # incl. leftovers of interrupted saves
+    for stale in [old, *directory.glob(f".{dirname}.old-{_TMP_SUFFIX_GLOB}")]:  # incl. interrupted saves
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def find_ema_dir(path: str | os.PathLike) -> Path | None:
+def find_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path | None:
     """The complete EMA folder for ``path``, or ``None`` when there is none.
 
-    ``path`` is a checkpoint folder holding ``ema_net/`` or the ``ema_net`` folder itself. A crash between the two
+    ``path`` is a checkpoint folder holding ``ema_net/`` (``ema_net-<name>/`` when ``name`` is given) or the EMA
+    folder itself. A crash between the two
     renames of :func:`save_ema_net` leaves the previous, complete folder under a ``.ema_net.old-*`` name and no
     ``ema_net``: that folder is returned then (the newest one), with a warning, rather than losing the EMA.
 
@@ -167,34 +259,32 @@ def find_ema_dir(path: str | os.PathLike) -> Path | None:
         >>> find_ema_dir(save_ema_net(d, {"w": torch.ones(1)}, {"step": 0}).parent).name
         'ema_net'
     """
-    d = _ema_dir(path)
+    d = _ema_dir(path, name)
     if d.is_dir():
         return d if (d / WEIGHTS_NAME).is_file() and (d / STATE_NAME).is_file() else None
-    if d.name != EMA_DIRNAME:
+    if not _is_ema_dirname(d.name):
         return None
     olds = [
         o
-        for o in d.parent.glob(f".{EMA_DIRNAME}.old-*")
+        for o in d.parent.glob(f".{d.name}.old-{_TMP_SUFFIX_GLOB}")
         if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
     ]
     if not olds:
         return None
     old = max(olds, key=lambda o: o.stat().st_mtime)
     logger.warning(
-        "No %s at %r: using the previous EMA left by an interrupted save, %r", EMA_DIRNAME, str(d), str(old)
+        "No %s at %r: using the previous EMA left by an interrupted save, %r", d.name, str(d), str(old)
     )
     return old
 
 
-def _checked_ema_dir(path: str | os.PathLike) -> Path:
-    found = find_ema_dir(path)
+def _checked_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
+    found = find_ema_dir(path, name)
     if found is not None:
         return found
-    d = _ema_dir(path)
+    d = _ema_dir(path, name)
     if not d.is_dir():
-        raise EMAFileError(
-            f"No EMA folder at {str(d)!r} (expected an `{EMA_DIRNAME}` folder written by hf_ema)"
-        )
+        raise EMAFileError(f"No EMA folder at {str(d)!r} (expected an `{d.name}` folder written by hf_ema)")
     missing = [f for f in (WEIGHTS_NAME, STATE_NAME) if not (d / f).is_file()]
     raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {missing[0]!r} is missing")
 
@@ -210,13 +300,15 @@ def _read_meta(d: Path) -> dict:
     return meta
 
 
-def load_ema_meta(path: str | os.PathLike) -> dict:
+def load_ema_meta(path: str | os.PathLike, name: str | None = None) -> dict:
     """Read only the JSON state of an ``ema_net`` folder (step, schedule, options), not its weights.
+
+    ``name`` picks a named EMA's folder (``ema_net-<name>``) when ``path`` is a checkpoint folder.
 
     Raises:
         EMAFileError: As :func:`load_ema_net`.
     """
-    return _read_meta(_checked_ema_dir(path))
+    return _read_meta(_checked_ema_dir(path, name))
 
 
 class EMANetReader:
@@ -277,12 +369,13 @@ class EMANetReader:
         self.close()
 
 
-def open_ema_net(path: str | os.PathLike) -> EMANetReader:
+def open_ema_net(path: str | os.PathLike, name: str | None = None) -> EMANetReader:
     """Open an ``ema_net`` folder for reading: the JSON state and the safetensors header, no tensor data yet.
 
     Args:
         path: A checkpoint folder holding ``ema_net/``, or the ``ema_net`` folder itself (see :func:`find_ema_dir`
             for the recovery of an interrupted save).
+        name: In a checkpoint folder, open the named EMA's ``ema_net-<name>`` instead.
 
     Raises:
         EMAFileError: If the folder or a file is missing, or a file is not valid safetensors / JSON. The message
@@ -290,7 +383,7 @@ def open_ema_net(path: str | os.PathLike) -> EMANetReader:
     """
     from safetensors import SafetensorError, safe_open
 
-    d = _checked_ema_dir(path)
+    d = _checked_ema_dir(path, name)
     meta = _read_meta(d)
     weights = d / WEIGHTS_NAME
     try:

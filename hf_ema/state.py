@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import numbers
+import operator
 import os
 import weakref
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .io import EMAFileError, load_ema_meta, open_ema_net, save_ema_net
+from .io import EMAFileError, ema_dirname, load_ema_meta, open_ema_net, save_ema_net
 from .schedules import IDecayFunction, build_schedule, make_schedule, supergradients_kwargs
 
 __all__ = ["EMAState"]
@@ -91,6 +92,14 @@ class _Entry:
     live: torch.Tensor  # plain local tensor sharing storage with ``source``
     ema: torch.Tensor
     staging: torch.Tensor | None = field(default=None, repr=False)  # pinned host copy for CPU offload
+    # Where the model holds ``source``: ``owner._parameters[attr]`` or ``owner._buffers[attr]`` (see _check_bindings).
+    owner: nn.Module | None = field(default=None, repr=False)
+    attr: str = ""
+    full_shape: tuple[int, ...] = ()
+    sharded: bool = False  # whether ``source`` was sharded when bound (ZeRO-3 converts parameters in place)
+    # Another entry whose local tensor is this very tensor (two Parameter objects on one storage): this entry
+    # shares that entry's ``ema`` and is averaged and swapped through it only.
+    alias: _Entry | None = field(default=None, repr=False)
 
 
 def _check_decay(decay: Any) -> float:
@@ -199,8 +208,49 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
-def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Named persistent buffers (those in ``state_dict``), each object once."""
+def _check_device(device: Any) -> torch.device | None:
+    """Parse the ``device=`` option and refuse a device this machine does not have (e.g. ``"cuda"`` without CUDA),
+    so that the mistake shows when the EMA (or the Trainer callback) is created, not when training starts.
+
+    Example:
+        >>> _check_device("cpu")
+        device(type='cpu')
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise ValueError(
+            f"`device`={device!r}, but this machine has no {dev.type} device (torch.{dev.type}.is_available() is "
+            "False); use device=None (the EMA lives next to each parameter) or device='cpu'"
+        )
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"`device`={device!r}, but only {count()} {dev.type} device(s) are visible")
+    return dev
+
+
+def _param_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """``(name, owning module, attribute, parameter)`` in ``named_parameters()`` order, each parameter once."""
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield (f"{mod_name}.{attr}" if mod_name else attr), mod, attr, p
+
+
+def _buffer_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    """``(name, owning module, attribute, buffer)`` of the persistent buffers (those in ``state_dict``), each
+    object once."""
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
         non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
@@ -208,7 +258,47 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             if buf is None or b_name in non_persistent or id(buf) in seen:
                 continue
             seen.add(id(buf))
-            yield (f"{mod_name}.{b_name}" if mod_name else b_name), buf
+            yield (f"{mod_name}.{b_name}" if mod_name else b_name), mod, b_name, buf
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Named persistent buffers (those in ``state_dict``), each object once."""
+    for name, _, _, buf in _buffer_slots(model):
+        yield name, buf
+
+
+def _fsdp2_sharded(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``id(t) -> sharded parameter`` for every form ``t`` in which FSDP2 may register one of its parameters on the
+    module (the sharded ``DTensor`` itself, the unsharded tensor between all-gather and reshard, the post-forward
+    reshard). Empty without FSDP2. Uses FSDP2's internals, on the slow path of :meth:`EMAState._check_bindings`.
+    """
+    out: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        get_state = getattr(mod, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        try:
+            state = get_state()
+        except Exception:  # pragma: no cover - not an FSDP2 module after all
+            continue
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fp in getattr(group, "fsdp_params", ()):
+                sharded = getattr(fp, "sharded_param", None)
+                if sharded is None:
+                    continue
+                forms = (
+                    sharded,
+                    getattr(fp, "_unsharded_param", None),
+                    getattr(fp, "_sharded_post_forward_param", None),
+                )
+                for form in forms:
+                    if form is not None:
+                        out[id(form)] = sharded
+    return out
 
 
 class EMAState:
@@ -218,6 +308,12 @@ class EMAState:
     ``ema = ema * d + param * (1 - d)`` with ``d`` from the decay schedule (see :mod:`hf_ema.schedules`).
     Averaging runs as one ``torch._foreach_*`` call per (device, dtype) group over cached tensor lists, with no
     host-device synchronisation. On sharded models (FSDP2, ZeRO-3) each process averages only its own shard.
+
+    The EMA follows the model's tensors: when they are moved, cast, re-assigned or sharded after it was built
+    (``model.to(...)``, ``param.data = ...``, ``accelerator.prepare`` on a GPU, ``fully_shard``, ZeRO-3), the next
+    call re-binds to them, keeping the EMA's values (a cheap check on every call, one INFO log line per re-bind).
+    Tracked names or shapes that change (``resize_token_embeddings``, ``get_peft_model`` after building the EMA)
+    raise a ``ValueError`` naming them.
 
     Args:
         model: The model (wrapped or not: DDP, ``torch.compile`` and Accelerate wrappers are removed).
@@ -232,11 +328,15 @@ class EMAState:
         buffers: Floating-point buffers are ``"average"``-d (as SuperGradients does), ``"copy"``-ed, or
             ``"ignore"``-d. Integer buffers (e.g. ``num_batches_tracked``) are always copied, never averaged.
         trainable_only: Track only parameters with ``requires_grad`` (e.g. LoRA adapters), and no buffers.
-        device: Keep the EMA on this device (e.g. ``"cpu"`` to offload); default: next to each parameter.
+        device: Keep the EMA on this device (e.g. ``"cpu"`` to offload); default: next to each parameter. A device
+            this machine lacks (``"cuda"`` without CUDA) is refused here.
         accelerator: An ``accelerate.Accelerator``: used to unwrap the model, to skip optimizer steps it reports
             as skipped (fp16 overflow), and to save/load the EMA with ``save_state`` / ``load_state``.
         side_stream: On CUDA, run the update on a side stream; it is joined before the next optimizer step
             and before the EMA is read.
+        name: ``None`` (folder ``ema_net``) or a name of letters, digits, ``_``, ``.``, ``-`` (folder
+            ``ema_net-<name>``): several EMAs of one model save, load and resume side by side. Two EMAs with the
+            same name on one ``accelerator`` are refused (they would write the same folder).
         reference_batch_size: ``B_ref``: the effective batch that ``decay`` (and the schedule) is meant for. The
             decay applied per optimizer step is then ``d ** (B / B_ref)``, with ``B`` = ``batch_size``: the EMA
             scaling rule of Busbridge et al. 2023 (arXiv:2307.13813), which keeps the horizon in samples when the
@@ -281,6 +381,7 @@ class EMAState:
         device: str | torch.device | None = None,
         accelerator: Any = None,
         side_stream: bool = False,
+        name: str | None = None,
         reference_batch_size: int | None = None,
         batch_size: int | None = None,
         time_unit: str = "steps",
@@ -289,6 +390,8 @@ class EMAState:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        ema_dirname(name)  # validates the name
+        self.name = name
         self.decay = _check_decay(decay)
         self.update_every = _check_update_every(update_every)
         self.total_steps = _check_total_steps(total_steps)
@@ -305,10 +408,7 @@ class EMAState:
                 f"`side_stream` must be True or False, got {type(side_stream).__name__}: {side_stream!r}"
             )
         self.trainable_only = trainable_only
-        try:
-            self.device = torch.device(device) if device is not None else None
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"`device` must be a torch device or None, got {device!r}") from e
+        self.device = _check_device(device)
         self.schedule_kwargs = {"beta": beta, **schedule_kwargs}
         self.decay_type, self.schedule = make_schedule(
             decay_type, self.schedule_kwargs, optional=("beta",), owner_args=_OWN_ARGS, owner=_OWNER
@@ -321,12 +421,15 @@ class EMAState:
         self.step = 0
         self.num_updates = 0
         self.last_decay: float | None = None
+        self.last_applied_decay: float | None = None  # decay applied by the last averaging
         self._swapped = False
-        self._xor_swapped: list[_Entry] = []
+        # While swapped: (entry, None) for an XOR exchange, (entry, backup of the model's tensor) otherwise, in the
+        # order they were done; undone in reverse order (tensors may share storage).
+        self._swap_ops: list[tuple[_Entry, torch.Tensor | None]] = []
         self._xor_ids: set[int] = set()
-        self._backups: list[tuple[_Entry, torch.Tensor]] = []
         self._pending_offload: tuple[float, Any] | None = None
         self.side_stream = bool(side_stream)
+        self._side_stream_requested = self.side_stream
         self._stream: Any = None
         self._event: Any = None
         self._hook_handle: Any = None
@@ -337,7 +440,9 @@ class EMAState:
                 "The model has nothing to average: no floating-point parameters"
                 + (" with requires_grad=True (trainable_only=True)" if self.trainable_only else "")
             )
+        self._dedupe_aliases()
         self._build_groups()
+        self._cache_bindings()
         self._setup_side_stream()
         if accelerator is not None and hasattr(accelerator, "register_save_state_pre_hook"):
             from .accelerate_hooks import register_with_accelerator
@@ -407,22 +512,30 @@ class EMAState:
             return t.dtype
         return self.dtype
 
-    def _collect_entries(self) -> list[_Entry]:
-        entries: list[_Entry] = []
-        for name, p in self.model.named_parameters():
+    def _scan(self) -> list[tuple[str, str, str, nn.Module, str, torch.Tensor]]:
+        """What the construction rules track in the model as it is now: ``(name, kind, mode, owner, attr, tensor)``
+        in model order."""
+        out: list[tuple[str, str, str, nn.Module, str, torch.Tensor]] = []
+        for name, mod, attr, p in _param_slots(self.model):
             if not p.is_floating_point() or (self.trainable_only and not p.requires_grad):
                 continue
-            entries.append(self._make_entry(name, "param", "average", p))
+            out.append((name, "param", "average", mod, attr, p))
         if not self.trainable_only:
-            for name, b in _persistent_buffers(self.model):
+            for name, mod, attr, b in _buffer_slots(self.model):
                 if not b.is_floating_point():
-                    entries.append(self._make_entry(name, "buffer", "copy", b))
+                    out.append((name, "buffer", "copy", mod, attr, b))
                 elif self.buffers != "ignore":
-                    entries.append(self._make_entry(name, "buffer", self.buffers, b))
-        return entries
+                    out.append((name, "buffer", self.buffers, mod, attr, b))
+        return out
 
-    def _make_entry(self, name: str, kind: str, mode: str, source: torch.Tensor) -> _Entry:
-        live = dist_utils.local_tensor(source)
+    def _collect_entries(self) -> list[_Entry]:
+        # every parameter / persistent buffer name of the model now: a name that appears later is a new tensor
+        self._built_names = {n for n, *_ in _param_slots(self.model)}
+        self._built_names |= {n for n, *_ in _buffer_slots(self.model)}
+        return [self._make_entry(*slot) for slot in self._scan()]
+
+    def _placement(self, name: str, live: torch.Tensor, mode: str) -> tuple[torch.dtype, torch.device]:
+        """dtype and device of the EMA of the local tensor ``live`` (at creation and when re-binding)."""
         dtype = self._ema_dtype(live) if mode == "average" else live.dtype
         device = live.device if self.device is None or _same_device(self.device, live.device) else self.device
         if mode == "copy":  # small buffers: copied beside their tensor, never a blocking cross-device copy
@@ -432,27 +545,71 @@ class EMAState:
                 f"`device`={str(device)!r}: the EMA can live next to each parameter (device=None) or in host memory "
                 f"(device='cpu'), but {name!r} is on {live.device}"
             )
+        return dtype, device
+
+    @staticmethod
+    def _staging_for(live: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        if device == live.device:
+            return None
+        # (only a host EMA of a device tensor gets here)
+        return torch.empty(live.shape, dtype=live.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+
+    def _make_entry(
+        self, name: str, kind: str, mode: str, owner: nn.Module, attr: str, source: torch.Tensor
+    ) -> _Entry:
+        live = dist_utils.local_tensor(source)
+        dtype, device = self._placement(name, live, mode)
         with torch.no_grad():
             ema = torch.empty(live.shape, dtype=dtype, device=device)
             ema.copy_(live)
-        staging = None
-        if device != live.device:  # (only a host EMA of a device tensor gets here)
-            staging = torch.empty(
-                live.shape, dtype=live.dtype, device="cpu", pin_memory=torch.cuda.is_available()
-            )
-        return _Entry(name, kind, mode, source, live, ema, staging)
+        full = tuple(dist_utils.full_shape(source))
+        staging = self._staging_for(live, device)
+        return _Entry(
+            name, kind, mode, source, live, ema, staging, owner, attr, full, dist_utils.is_sharded(source)
+        )
+
+    def _dedupe_aliases(self) -> None:
+        """Entries whose local tensors are one and the same tensor (two ``Parameter`` objects on one storage, same
+        offset, shape, strides and dtype) share one EMA tensor and are averaged and swapped once, through the first
+        of them; swapping them one after the other would exchange the same memory twice."""
+        first: dict[tuple, _Entry] = {}
+        owned: set[int] = set()
+        for e in self._entries:
+            e.alias = None
+            t = e.live
+            if t.numel():
+                key = (
+                    t.device,
+                    t.dtype,
+                    t.untyped_storage().data_ptr(),
+                    t.storage_offset(),
+                    t.shape,
+                    t.stride(),
+                    e.mode,
+                    e.ema.dtype,
+                    e.ema.device,
+                )
+                primary = first.setdefault(key, e)
+                if primary is not e:
+                    e.alias, e.ema, e.staging = primary, primary.ema, None
+                    continue
+            if id(e.ema) in owned:  # it was an alias before a re-bind separated the two tensors
+                e.ema = e.ema.clone()
+            owned.add(id(e.ema))
+        self._primaries = [e for e in self._entries if e.alias is None]
 
     def _build_groups(self) -> None:
         """Cache the tensor lists that :meth:`update` works on, one group per (device, dtypes)."""
-        inline = [(e.ema, e.live) for e in self._entries if e.mode == "average" and e.staging is None]
+        prim = self._primaries
+        inline = [(e.ema, e.live) for e in prim if e.mode == "average" and e.staging is None]
         # CPU offload: averaged on the host from a pinned staged copy of the parameter, see _flush_offload.
-        self._offload = [e for e in self._entries if e.staging is not None]
+        self._offload = [e for e in prim if e.staging is not None]
         self._avg_groups = _AveragingGroups(inline)
         self._offload_groups = _AveragingGroups([(e.ema, e.staging) for e in self._offload])
         self._offload_copy = ([e.staging for e in self._offload], [e.live for e in self._offload])
         self._offload_event = torch.cuda.Event() if self._offload else None
         copy: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for e in self._entries:
+        for e in prim:
             if e.mode == "copy":
                 lists = copy.setdefault((e.ema.device, e.ema.dtype, e.live.device, e.live.dtype), ([], []))
                 lists[0].append(e.ema)
@@ -486,6 +643,184 @@ class EMAState:
         if handle is not None:
             handle.remove()
 
+    # ------------------------------------------------------------------ bindings to the model's tensors
+    def _cache_bindings(self) -> None:
+        """Remember, for :meth:`_check_bindings`, what the model holds now: every ``module._modules[name]`` child,
+        every tracked ``owner._parameters[attr]`` / ``owner._buffers[attr]`` object, and the address of each
+        tracked local tensor."""
+        dicts: list[dict] = []
+        keys: list[str] = []
+        for mod in self.model.modules():
+            for k, child in mod._modules.items():
+                if child is not None:
+                    dicts.append(mod._modules)
+                    keys.append(k)
+        for e in self._entries:
+            dicts.append(e.owner._parameters if e.kind == "param" else e.owner._buffers)
+            keys.append(e.attr)
+        objs = [d.get(k) for d, k in zip(dicts, keys, strict=True)]
+        # the local tensor's address, read the cheapest way per kind (``local_tensor`` costs ~1 us a call)
+        dts = [e.source for e in self._entries if dist_utils.is_dtensor(e.source)]
+        z3s = [e.source for e in self._entries if dist_utils.is_zero3_param(e.source)]
+        plain = [e.source for e in self._entries if not dist_utils.is_sharded(e.source)]
+        self._bound = (
+            dicts,
+            keys,
+            objs,
+            plain,
+            [t.data_ptr() for t in plain],
+            dts,
+            [t._local_tensor.data_ptr() for t in dts],
+            z3s,
+            [t.ds_tensor.data_ptr() for t in z3s],
+        )
+
+    def _check_bindings(self) -> None:
+        """Follow the model if its tensors were replaced since the EMA was built or last checked.
+
+        ``model.to(device/dtype)``, ``param.data = ...``, ``accelerator.prepare`` on a GPU, ``fully_shard``,
+        DeepSpeed ZeRO-3 or a replaced sub-module leave the EMA holding tensors the model no longer uses. Checked
+        cheaply on every call (object identity of each module child and tracked tensor, and the address of each
+        local tensor: no host-device sync; the old storage stays alive through ``_Entry.live``, so a new tensor
+        never gets its address); on a difference, :meth:`_rebind` re-binds or raises.
+        """
+        dicts, keys, objs, plain, plain_ptrs, dts, dt_ptrs, z3s, z3_ptrs = self._bound
+        if (
+            all(map(operator.is_, map(dict.get, dicts, keys), objs))
+            and list(map(_data_ptr, plain)) == plain_ptrs
+            and (not dts or [t._local_tensor.data_ptr() for t in dts] == dt_ptrs)
+            and (not z3s or [t.ds_tensor.data_ptr() for t in z3s] == z3_ptrs)
+        ):
+            return
+        self._rebind()
+
+    def _rebind(self) -> None:
+        """The slow path of :meth:`_check_bindings`: find each tracked name in the model again and re-bind.
+
+        Same name and full shape, other object / storage / device / dtype: the EMA keeps its values and follows the
+        new tensor (moved next to it unless ``device=`` pins it; its dtype by the ``dtype=`` rule, so an fp32 EMA
+        stays fp32). A tensor that became sharded (``fully_shard`` / ZeRO-3 after the EMA was built) keeps this
+        process's part of the EMA (:func:`hf_ema.distributed.shard_like`). Names or shapes that changed: a
+        ``ValueError`` naming them.
+        """
+        self.wait()
+        # every name the model's state_dict has, also a second name of a shared tensor or module (a tracked name
+        # may have become one: weights tied after the EMA was built)
+        slots: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+        for mod_name, mod in self.model.named_modules(remove_duplicate=False):
+            prefix = f"{mod_name}." if mod_name else ""
+            non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+            for attr, t in [*mod._parameters.items(), *mod._buffers.items()]:
+                if t is not None and attr not in non_persistent:
+                    slots.setdefault(prefix + attr, (mod, attr, t))
+        fsdp = _fsdp2_sharded(self.model)
+        tracked = set(self._names)
+        missing = [e.name for e in self._entries if e.name not in slots]
+        added = [n for n, *_ in self._scan() if n not in tracked and n not in self._built_names]
+        resized = []
+        changes: list[tuple[_Entry, nn.Module, str, torch.Tensor, torch.Tensor]] = []
+        for e in self._entries:
+            if e.name not in slots:
+                continue
+            mod, attr, t = slots[e.name]
+            # FSDP2 may hold the unsharded parameter right now: the sharded one is ours
+            t = fsdp.get(id(t), t)
+            shape = tuple(dist_utils.full_shape(t))
+            if shape != e.full_shape:
+                resized.append(f"{e.name}: {e.full_shape} -> {shape}")
+                continue
+            live = dist_utils.local_tensor(t)
+            same = t is e.source and live.data_ptr() == e.live.data_ptr() and live.shape == e.live.shape
+            if same and live.dtype == e.live.dtype and live.device == e.live.device:
+                e.owner, e.attr = mod, attr
+            else:
+                changes.append((e, mod, attr, t, live))
+        if missing or added or resized:
+            parts = []
+            if resized:
+                parts.append(f"shape changed ({len(resized)}): {resized[:10]}")
+            if missing:
+                parts.append(f"no longer in the model ({len(missing)}): {missing[:10]}")
+            if added:
+                parts.append(f"new in the model ({len(added)}): {added[:10]}")
+            raise ValueError(
+                "The model's tensors changed after the EMA was built: "
+                + "; ".join(parts)
+                + ". The EMA follows a tensor that is moved, cast, re-assigned or sharded under the same name and "
+                "shape, but not a change of names or shapes (resize_token_embeddings, get_peft_model, a replaced "
+                "sub-module). Build the EMAState once the model is final, after such changes and after "
+                "accelerator.prepare(model), or build a new EMAState now."
+            )
+        if changes:
+            self._apply_rebind(changes)
+        self._cache_bindings()
+
+    def _apply_rebind(self, changes: list[tuple[_Entry, nn.Module, str, torch.Tensor, torch.Tensor]]) -> None:
+        layouts = []
+        for e, _, _, t, live in changes:
+            was, now = e.sharded, dist_utils.is_sharded(t)
+            if was and (
+                not now or live.shape != e.live.shape or _dtensor_layout(e.source) != _dtensor_layout(t)
+            ):
+                raise ValueError(
+                    f"{e.name!r} was sharded when the EMA was built and is now laid out differently (local shape "
+                    f"{tuple(e.live.shape)} -> {tuple(live.shape)}); the EMA cannot follow without gathering it. "
+                    "Build the EMAState after the model is sharded (after fully_shard / accelerator.prepare)."
+                )
+            layouts.append(now and not was)
+        # where each EMA goes (may refuse: device= pins another accelerator), before anything is changed
+        places = [self._placement(e.name, live, e.mode) for e, _, _, _, live in changes]
+        swapped = self._swapped
+        if swapped:
+            # Replaced inside average_parameters(): the model's new tensors hold the EMA (and whatever the block wrote
+            # into them since). Give those values to the tensors that the swap record points at, put the training
+            # weights back there, re-bind, carry the training weights over to the new tensors, swap in again.
+            if any(layouts):
+                raise RuntimeError(
+                    "The model was sharded inside average_parameters(): leave the block first, then shard it"
+                )
+            for e, _, _, _, live in changes:
+                _merge_into(e.live, live)
+            self._swap_out()
+        moved = []
+        for (e, mod, attr, t, live), cut, (dtype, device) in zip(changes, layouts, places, strict=True):
+            values = dist_utils.shard_like(t, e.ema) if cut else e.ema
+            if values is e.ema and e.ema.dtype == dtype and e.ema.device == device and e.alias is None:
+                ema = e.ema
+            else:
+                ema = torch.empty(live.shape, dtype=dtype, device=device)
+                ema.copy_(values)
+            if swapped:
+                live.copy_(e.live)
+            if len(moved) < 3:
+                moved.append(
+                    f"{e.name} ({_describe(e.live)} -> {_describe(live)}{', sharded' if cut else ''}; "
+                    f"EMA {_describe(ema)})"
+                )
+            e.source, e.live, e.ema, e.owner, e.attr = t, live, ema, mod, attr
+            e.sharded = dist_utils.is_sharded(t)
+            e.staging = self._staging_for(live, device)
+        self._dedupe_aliases()
+        self._build_groups()
+        if self._side_stream_requested:
+            self._reset_side_stream()
+        logger.info(
+            "hf_ema: the model's tensors were replaced after the EMA was built (moved, cast, re-assigned or "
+            "sharded); the EMA now follows the new ones, %d re-bound, e.g. %s",
+            len(changes),
+            ", ".join(moved),
+        )
+        if swapped:
+            self._swap_in()
+
+    def _reset_side_stream(self) -> None:
+        """Set the side stream up again for the devices the tracked tensors are on now."""
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+        self._stream = self._event = self._hook_handle = None
+        self.side_stream = True
+        self._setup_side_stream()
+
     # ------------------------------------------------------------------ properties
     @property
     def names(self) -> list[str]:
@@ -496,11 +831,12 @@ class EMAState:
     def is_sharded(self) -> bool:
         """Whether some tracked tensor is split across processes (FSDP2, ZeRO-3): :meth:`save` and
         :meth:`ema_state_dict` then gather, which every rank must join."""
+        self._check_bindings()
         return any(dist_utils.is_sharded(e.source) for e in self._entries)
 
     def num_bytes(self) -> int:
         """Bytes held by this process's EMA tensors (its shards only, on sharded models)."""
-        return sum(e.ema.numel() * e.ema.element_size() for e in self._entries)
+        return sum(e.ema.numel() * e.ema.element_size() for e in self._primaries)
 
     # ------------------------------------------------------------------ batch size (EMA scaling rule)
     @property
@@ -629,6 +965,7 @@ class EMAState:
             raise RuntimeError("EMAState.update() called inside average_parameters(): leave the block first")
         if self.accelerator is not None and getattr(self.accelerator, "optimizer_step_was_skipped", False):
             return None
+        self._check_bindings()
         step = self.step + 1
         n = self.update_every
         averaging = step % n == 0
@@ -648,6 +985,7 @@ class EMAState:
         self.last_decay = d
         if averaging:
             weight = 1.0 - dn
+            self.last_applied_decay = dn
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
                 with torch.cuda.stream(self._stream):
@@ -704,10 +1042,43 @@ class EMAState:
 
     # ------------------------------------------------------------------ swap / copy
     def _current_ema(self, e: _Entry) -> torch.Tensor:
-        """Where the EMA value of ``e`` lives right now (the model holds it while swapped by XOR)."""
-        if self._swapped and id(e) in self._xor_ids:
-            return e.live
-        return e.ema
+        """The EMA value of ``e`` right now. While swapped, the model holds it (plus what the block wrote into the
+        model, which swapping out keeps): the model's tensor itself after an XOR exchange, else the merge of the
+        EMA and the model's values that swapping out will store (see :func:`_merge_into`)."""
+        p = e.alias or e
+        if not self._swapped:
+            return p.ema
+        if id(p) in self._xor_ids:
+            return p.live
+        merged = p.ema.clone()
+        _merge_into(merged, p.live)
+        return merged
+
+    def _swap_in(self) -> None:
+        ops: list[tuple[_Entry, torch.Tensor | None]] = []
+        for e in self._primaries:
+            if e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
+                _xor_swap(e.ema, e.live)
+                ops.append((e, None))
+            else:
+                ops.append((e, e.live.clone()))
+                e.live.copy_(e.ema)
+        self._swap_ops = ops
+        self._xor_ids = {id(e) for e, backup in ops if backup is None}
+        self._swapped = True
+
+    def _swap_out(self) -> None:
+        # Reverse order: tensors may overlap in memory, and each step must see what its swap-in left.
+        for e, backup in reversed(self._swap_ops):
+            if backup is None:
+                _xor_swap(e.ema, e.live)  # the EMA takes the model's bits: writes made in between are kept
+            else:
+                _merge_into(e.ema, e.live)
+                e.live.copy_(backup)
+        self._forget_swap()
+
+    def _forget_swap(self) -> None:
+        self._swap_ops, self._xor_ids, self._swapped = [], set(), False
 
     @torch.no_grad()
     def swap(self) -> None:
@@ -715,31 +1086,40 @@ class EMAState:
 
         Same-dtype tensors are exchanged in place by XOR of their bit patterns (no extra memory); when the EMA has
         another dtype or device than the parameter, the parameter is backed up and restored from the backup.
+        Writes made to the model while the EMA is in (a train-mode forward updating BatchNorm statistics,
+        ``update_bn``, an optimizer step) are kept in the EMA when swapping back; see :meth:`average_parameters`.
         Prefer :meth:`average_parameters`, which restores on exit even when its block raises.
         """
         self.wait()
+        self._before_write()
+        self._check_bindings()
         if not self._swapped:
-            self._xor_swapped, self._backups = [], []
-            for e in self._entries:
-                if e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
-                    _xor_swap(e.ema, e.live)
-                    self._xor_swapped.append(e)
-                else:
-                    self._backups.append((e, e.live.clone()))
-                    e.live.copy_(e.ema)
-            self._xor_ids = {id(e) for e in self._xor_swapped}
-            self._swapped = True
+            self._swap_in()
         else:
-            for e in self._xor_swapped:
-                _xor_swap(e.ema, e.live)
-            for e, backup in self._backups:
-                e.live.copy_(backup)
-            self._xor_swapped, self._backups, self._xor_ids = [], [], set()
-            self._swapped = False
+            self._swap_out()
+        self._after_write()
+
+    def _before_write(self, model: nn.Module | None = None) -> None:
+        """Before writing the local tensors of ``model`` (default: the tracked one): FSDP2 modules resharded, so that
+        their unsharded copies are dropped and the module holds its sharded parameters (see
+        :func:`hf_ema.distributed.before_local_write`). Runs before anything looks at the model's parameters."""
+        dist_utils.before_local_write(self.model if model is None else model)
+
+    def _after_write(self, sources: list[torch.Tensor] | None = None) -> None:
+        """After writing local tensors (default: the tracked ones): the full copies a forward reads (gathered ZeRO-3
+        parameters) rebuilt from them (see :func:`hf_ema.distributed.after_local_write`); a collective on ZeRO-3."""
+        dist_utils.after_local_write([e.source for e in self._entries] if sources is None else sources)
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[nn.Module]:
         """Context manager: the model holds the EMA weights inside the block, its own weights (bitwise) after.
+
+        Writes to the model inside the block are kept in the EMA: the EMA afterwards holds what the model held at
+        the end of the block, e.g. BatchNorm statistics recomputed for the EMA weights by a train-mode forward
+        (precise-BN). Where the EMA has a higher precision than the model (fp32 EMA of bf16 weights), an element
+        the block did not change keeps its full-precision EMA value, and a changed one takes the model's value
+        exactly. :meth:`copy_to` inside the block keeps the EMA weights in the model for good: the block then
+        restores nothing on exit.
 
         Example:
             >>> model = nn.Linear(2, 2)
@@ -753,27 +1133,49 @@ class EMAState:
         try:
             yield self.model
         finally:
-            self.swap()
+            if self._swapped:  # not if copy_to() kept the EMA weights in the model
+                self.swap()
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the EMA weights into ``model`` (default: the tracked model) for good.
 
+        Inside :meth:`average_parameters` (or after :meth:`swap`), ``copy_to()`` keeps the EMA weights the model
+        holds, with what the block wrote into them, as both the model's weights and the EMA; the training weights
+        are dropped, and leaving the block restores nothing. ``copy_to(other)`` there writes the EMA as it stands
+        (the same values) into ``other`` and leaves the swap as it is.
+
         Args:
             model: Another module with the same state-dict names (e.g. a fresh copy for export); its tensors must
                 have the tracked shapes (local shapes on sharded models).
+
+        Example:
+            >>> model, export = nn.Linear(2, 2), nn.Linear(2, 2)
+            >>> ema = EMAState(model, decay=0.5)
+            >>> ema.copy_to(export)
+            >>> bool(torch.equal(export.weight, model.weight))
+            True
         """
         self.wait()
+        self._check_bindings()
+        if model is not None and dist_utils.unwrap_model(model) is self.model:
+            model = None
         if model is None:
             if self._swapped:  # the model already holds the EMA: keep it there, forget the training weights
-                for e in self._xor_swapped:
-                    e.ema.copy_(e.live)
-                self._xor_swapped, self._backups, self._xor_ids, self._swapped = [], [], set(), False
+                for e, backup in self._swap_ops:
+                    if backup is None:
+                        e.ema.copy_(e.live)
+                    else:
+                        _merge_into(e.ema, e.live)
+                self._forget_swap()
                 return
-            for e in self._entries:
+            self._before_write()
+            for e in self._primaries:
                 e.live.copy_(e.ema)
+            self._after_write()
             return
         target = dist_utils.unwrap_model(model)
+        self._before_write(target)
         tensors = dict(target.named_parameters())
         tensors.update(_persistent_buffers(target))
         missing = [e.name for e in self._entries if e.name not in tensors]
@@ -783,6 +1185,7 @@ class EMAState:
             )
         for e in self._entries:
             dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))
+        self._after_write([tensors[e.name] for e in self._entries])
 
     # ------------------------------------------------------------------ state dict
     def _meta(self) -> dict[str, Any]:
@@ -820,6 +1223,7 @@ class EMAState:
         JSON-serialisable (step, schedule name and arguments, options).
         """
         self.wait()
+        self._check_bindings()
         return {"ema": {e.name: self._current_ema(e) for e in self._entries}, "meta": self._meta()}
 
     @torch.no_grad()
@@ -832,6 +1236,8 @@ class EMAState:
         """
         if not isinstance(state_dict, Mapping) or "ema" not in state_dict or "meta" not in state_dict:
             raise ValueError("EMAState.load_state_dict expects a mapping with 'ema' and 'meta' keys")
+        if not self._swapped:
+            self._check_bindings()
         self._load(state_dict["ema"], state_dict["meta"], strict=strict)
 
     def _check_names_shapes(self, shapes: Mapping[str, tuple[int, ...]], full: bool, strict: bool) -> None:
@@ -991,6 +1397,7 @@ class EMAState:
         model the tensors share storage with the EMA (no copy): clone them to keep a snapshot.
         """
         self.wait()
+        self._check_bindings()
         keep = dist_utils.is_main_process()
         out: dict[str, torch.Tensor] = {}
         pairs = [(e.name, e.source, self._current_ema(e)) for e in self._entries]
@@ -1008,9 +1415,12 @@ class EMAState:
         return out
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically.
+        """Write ``directory/ema_net/`` (``model.safetensors``, ``ema_state.json``, ``config.json``) atomically;
+        a named EMA writes ``directory/ema_net-<name>/``.
 
-        On several processes every rank must call it (shards are gathered); only the main process writes.
+        For a ``peft.PeftModel`` it also holds the EMA adapter as PEFT writes one (``adapter_model.safetensors``,
+        ``adapter_config.json``: see :mod:`hf_ema.adapters`). On several processes every rank must call it (shards
+        are gathered); only the main process writes.
 
         Example:
             >>> import tempfile
@@ -1019,18 +1429,30 @@ class EMAState:
             'ema_net'
         """
         tensors = self.ema_state_dict()
-        path = Path(directory) / "ema_net"
+        dirname = ema_dirname(self.name)
+        path = Path(directory) / dirname
         if dist_utils.is_main_process():
-            path = save_ema_net(directory, tensors, self._meta(), getattr(self.model, "config", None))
+            from .adapters import peft_adapter_files
+
+            files = peft_adapter_files(self.model, tensors)
+            path = save_ema_net(
+                directory,
+                tensors,
+                {**self._meta(), "name": self.name},
+                getattr(self.model, "config", None),
+                files=files,
+                dirname=dirname,
+            )
         return path
 
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
+        self._check_bindings()  # the file is read by the layout of the model's tensors as they are now
         # `ema_net` also holds the model's untracked persistent buffers (buffers="ignore"), so that it loads as a
         # complete model; they are the model's own values, not EMA state, and are not read back.
         untracked = {name for name, _ in _persistent_buffers(self.model)} - set(self._by_name)
-        with open_ema_net(directory) as reader:
+        with open_ema_net(directory, self.name) as reader:
             shapes = {k: v for k, v in reader.shapes.items() if k not in untracked}
             try:
                 # Names and full shapes from the file's header first; then each rank reads only its own part
@@ -1051,8 +1473,9 @@ class EMAState:
 
     @classmethod
     def _from_dir(cls, directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-        meta = load_ema_meta(directory)
+        meta = load_ema_meta(directory, overrides.get("name"))
         kwargs: dict[str, Any] = {
+            "name": meta.get("name"),
             "decay": meta.get("decay", 0.9999),
             "decay_type": meta.get("decay_type", "constant"),
             "total_steps": meta.get("total_steps"),
@@ -1086,13 +1509,15 @@ class _InstanceOrClassLoad:
         if obj is None:
 
             def load(directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON)."""
+                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON;
+                ``name=...`` reads ``directory/ema_net-<name>``)."""
                 return objtype._from_dir(directory, model, **overrides)
 
             return load
 
         def load_into(directory: str | os.PathLike) -> EMAState:
-            """Restore this EMA from ``directory/ema_net`` (or an ``ema_net`` folder itself)."""
+            """Restore this EMA from ``directory/ema_net`` (``ema_net-<name>`` for a named EMA), or from an EMA
+            folder itself."""
             return obj._load_dir(directory)
 
         return load_into
@@ -1185,17 +1610,44 @@ def _same_device(wanted: torch.device, actual: torch.device) -> bool:
 
 
 def _xor_swap(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Exchange the contents of two same-dtype tensors in place, bit-exactly, without a temporary."""
+    """Exchange the contents of two same-dtype tensors in place, bit-exactly, without a temporary.
+
+    Reinterpreting as a same-size integer dtype works for any strides, so non-contiguous tensors (a transposed
+    parameter) take the same path. ``a`` and ``b`` must not overlap in memory.
+    """
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    if not (a.is_contiguous() and b.is_contiguous()):
-        tmp = a.clone()
-        a.copy_(b)
-        b.copy_(tmp)
-        return
     x, y = a.view(bits), b.view(bits)
     x.bitwise_xor_(y)
     y.bitwise_xor_(x)
     x.bitwise_xor_(y)
+
+
+def _merge_into(exact: torch.Tensor, model: torch.Tensor) -> None:
+    """``exact <- the model's values``, keeping ``exact``'s precision where the model holds it unchanged.
+
+    Same dtype: a plain copy. ``model`` of lower precision (a bf16 parameter of an fp32 EMA): an element equal to
+    ``exact`` rounded to ``model.dtype`` (what swapping in wrote, or would have written) is left as it is, any
+    other element takes the model's value, exactly (widening is exact). So writing back loses no EMA precision
+    where nothing was written, needs no host-device sync, and keeps every write.
+    """
+    cur = model if model.device == exact.device else model.to(exact.device)
+    if cur.dtype == exact.dtype:
+        exact.copy_(cur)
+        return
+    unchanged = cur == exact.to(cur.dtype)
+    torch.where(unchanged, exact, cur.to(exact.dtype), out=exact)
+
+
+def _dtensor_layout(t: torch.Tensor) -> Any:
+    """The mesh and placements of a ``DTensor`` (None for other tensors)."""
+    return (t.device_mesh, tuple(t.placements)) if dist_utils.is_dtensor(t) else None
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.device} {str(t.dtype).replace('torch.', '')}"
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _jsonable(obj: Any) -> Any:

@@ -347,8 +347,9 @@ def test_accelerator_gives_the_batch_size_of_its_prepared_dataloader():
     acc.prepare(torch.utils.data.DataLoader(data, batch_size=32))
     with pytest.raises(ValueError, match=r"different batch sizes \[8, 32\].*batch_size="):
         EMAState(model, accelerator=acc, reference_batch_size=8)
-    assert EMAState(model, accelerator=acc, reference_batch_size=8, batch_size=48).batch_size == 48
-    assert EMAState(model, accelerator=acc).batch_size is None  # without the rule B is optional
+    # (named: one accelerator refuses two EMAs that would save to the same folder)
+    assert EMAState(model, accelerator=acc, reference_batch_size=8, batch_size=48, name="b").batch_size == 48
+    assert EMAState(model, accelerator=acc, name="c").batch_size is None  # without the rule B is optional
 
 
 def test_from_params_and_flags_reach_the_ema():
@@ -472,3 +473,14 @@ def test_trainer_resume_with_another_batch_rescales_and_resume_is_bitwise(tmp_pa
             per_device_train_batch_size=16,
             **kw,
         )
+
+
+def test_long_horizon_warning_counts_the_scaled_decay(tmp_path, caplog):
+    """decay 0.99 averages over ~100 optimizer steps at the reference batch 1, but at batch 8 the rule applies
+    0.99 ** 8 per step: ~13 steps, within a 20-step run, so no warning; without the rule there is one."""
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
+        _train(tmp_path / "a", EMATrainerCallback(decay=0.99, reference_batch_size=1), max_steps=20)
+    assert not [r for r in caplog.records if "max_steps" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
+        _train(tmp_path / "b", EMATrainerCallback(decay=0.99), max_steps=20)
+    assert [r for r in caplog.records if "more than this run's max_steps=20" in r.getMessage()]

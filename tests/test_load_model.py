@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from reference import decays_for, drive, reference_ema, tiny_bert, tiny_mlp
+from reference import decays_for, drive, reference_ema, tiny_bert, tiny_bert_config, tiny_mlp
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 import hf_ema
@@ -101,10 +101,100 @@ def test_checkpoint_holding_only_ema_net(tmp_path):
     _assert_is_ema(loaded, reference_ema(history, decays_for("constant", 0.5, 3)))
 
 
-def test_missing_path_is_an_error(tmp_path):
-    with pytest.raises((OSError, ValueError)) as info:
+def test_missing_path_is_an_error(tmp_path, caplog):
+    """Said as such, before anything is loaded: not "Loading regular weights" and then the Hub's repo-id error."""
+    caplog.set_level(logging.INFO)
+    with pytest.raises(FileNotFoundError) as info:
         hf_ema.load_model(AutoModelForSequenceClassification, tmp_path / "does_not_exist")
-    assert "does_not_exist" in str(info.value)
+    assert str(tmp_path / "does_not_exist") in str(info.value) and "does not exist" in str(info.value)
+    assert "Repo id" not in str(info.value)
+    assert _hf_ema_messages(caplog) == []
+
+
+def _tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, num_labels=2, pad_token_id=0
+    )
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def _tiny_bert_mlm():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(1)
+    model = BertForMaskedLM(tiny_bert_config())
+    # as save_pretrained sets it (so a Trainer checkpoint's ema_net has it)
+    model.config.architectures = ["BertForMaskedLM"]
+    return model
+
+
+@pytest.mark.parametrize(
+    ("other", "words"),
+    [
+        (lambda: _tiny_gpt2(seed=1), ["model_type", "'gpt2'", "'bert'"]),  # another architecture
+        (lambda: tiny_bert(seed=1, intermediate_size=48), ["shape", "(48, 16)", "(32, 16)"]),  # another size
+        (lambda: _tiny_bert_mlm(), ["architectures", "BertForMaskedLM"]),  # another head on the same body
+    ],
+    ids=["gpt2", "bigger_bert", "mlm_head"],
+)
+def test_ema_net_of_another_model_is_an_error(checkpoint, other, words):
+    """An ema_net that belongs to another model (e.g. copied into the wrong checkpoint) must not load quietly."""
+    path, _, _ = checkpoint
+    EMAState(other(), decay=0.5).save(path)  # replaces the checkpoint's ema_net
+    with pytest.raises(ValueError) as info:
+        hf_ema.load_model(AutoModelForSequenceClassification, path)
+    msg = str(info.value)
+    assert str(path / "ema_net") in msg and all(w in msg for w in words), msg
+    assert len(msg.replace(str(path), "<path>")) < 700, msg  # the first few tensors and a count, not all
+    # the regular weights still load
+    hf_ema.load_model(AutoModelForSequenceClassification, path, prefer_ema=False)
+
+
+class _ManyLayers(torch.nn.Module):
+    """60 parameters whose names no BERT or MLP has."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(30))
+
+
+@pytest.mark.parametrize("target", ["bert_checkpoint", "module_instance"])
+def test_errors_show_the_first_names_and_a_count(tmp_path, target):
+    model = _ManyLayers()
+    ema = EMAState(model, decay=0.5, trainable_only=True)
+    path = tmp_path / "ckpt"
+    if target == "bert_checkpoint":
+        tiny_bert(seed=0).save_pretrained(path)
+    ema.save(path)
+    with pytest.raises(ValueError) as info:
+        if target == "bert_checkpoint":
+            hf_ema.load_model(AutoModelForSequenceClassification, path)
+        else:
+            hf_ema.load_model(tiny_mlp(seed=0), path)
+    msg = str(info.value)
+    assert "'blocks.0.bias'" in msg and "(60 in all)" in msg, msg
+    assert len(msg.replace(str(path), "<path>")) < 500, msg
+
+
+def test_trainable_only_ema_net_does_not_load_as_a_complete_model(tmp_path):
+    """Without the other weights, ``from_pretrained(ema_net)`` would initialise them at random: it must fail."""
+    model = tiny_bert(seed=6)
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    ema = EMAState(model, decay=0.6, trainable_only=True)
+    ema.save(tmp_path)
+    assert not (tmp_path / "ema_net" / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):  # transformers: "Unrecognized model ... config.json"
+        AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "ema_net"))
+
+
+def test_base_model_argument_is_for_peft_checkpoints_only(checkpoint):
+    path, _, _ = checkpoint
+    with pytest.raises(ValueError, match="base_model"):
+        hf_ema.load_model(AutoModelForSequenceClassification, path, base_model="somewhere")
 
 
 def test_corrupt_ema_net_is_not_silently_replaced_by_regular_weights(checkpoint):
