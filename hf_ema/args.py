@@ -109,6 +109,24 @@ class EMAArguments:
             "help": "Name of this EMA: its checkpoint folder becomes ema_net-<name> (default: ema_net)."
         },
     )
+    # The EMA scaling rule (Busbridge et al. 2023); passed only when set.
+    ema_reference_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Effective batch the decay is meant for: each optimizer step applies decay ** (B / this), B = "
+            "per-device batch x gradient accumulation x processes, so the horizon in samples is kept."
+        },
+    )
+    ema_time_unit: str = field(
+        default="steps",
+        metadata={
+            "help": "steps: the schedule counts optimizer steps; samples: samples / ema_reference_batch_size."
+        },
+    )
+    ema_strict_batch_size: bool = field(
+        default=False,
+        metadata={"help": "Refuse to resume an EMA saved with another effective batch size (else: rescale)."},
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -148,6 +166,15 @@ class EMAArguments:
                     ("name", self.ema_name),
                 )
                 if value is not None  # given only when set: other schedules refuse these arguments
+            },
+            **{
+                name: value
+                for name, value, default in (
+                    ("reference_batch_size", self.ema_reference_batch_size, None),
+                    ("time_unit", self.ema_time_unit, "steps"),
+                    ("strict_batch_size", self.ema_strict_batch_size, False),
+                )
+                if value is not default and value != default  # given only when set, as the callback's own
             },
         }
 

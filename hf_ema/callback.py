@@ -314,6 +314,13 @@ class EMATrainerCallback(TrainerCallback):
             for another EMA of the same model (folder ``ema_net-<name>``; see above).
         eval_prefix: Metric prefix of a named EMA's evaluation; default ``eval_ema_<name>``.
         evaluate: Whether a named (secondary) EMA is evaluated after each evaluation of the primary.
+        reference_batch_size: The effective batch ``B_ref`` that ``decay`` is meant for: each optimizer step then
+            applies ``d ** (B / B_ref)`` (the EMA scaling rule of Busbridge et al. 2023, arXiv:2307.13813), with
+            ``B`` the Trainer's effective batch (per-device batch x gradient accumulation x data-parallel
+            processes), so the horizon in samples survives a change of GPUs or accumulation, also on resume.
+        batch_size: Overrides the Trainer's effective batch ``B`` (samples per optimizer step).
+        time_unit: ``"samples"``: the schedule counts its steps in samples / ``reference_batch_size``.
+        strict_batch_size: Refuse to resume an EMA saved with another effective batch size, instead of rescaling.
         **schedule_kwargs: Passed to the schedule's constructor (as in SuperGradients' ``ema_params``).
 
     Raises:
@@ -350,6 +357,10 @@ class EMATrainerCallback(TrainerCallback):
         name: str | None = None,
         eval_prefix: str | None = None,
         evaluate: bool = True,
+        reference_batch_size: int | None = None,
+        batch_size: int | None = None,
+        time_unit: str = "steps",
+        strict_batch_size: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         for arg, value in (
@@ -394,9 +405,20 @@ class EMATrainerCallback(TrainerCallback):
             "device": device,
             **schedule_kwargs,
         }
+        # The EMA scaling rule's settings, only when set (a callback without them has the same ema_kwargs).
+        if reference_batch_size is not None:
+            self.ema_kwargs["reference_batch_size"] = reference_batch_size
+        if batch_size is not None:
+            self.ema_kwargs["batch_size"] = batch_size
+        if time_unit != "steps":
+            self.ema_kwargs["time_unit"] = time_unit
+        if strict_batch_size is not False:
+            self.ema_kwargs["strict_batch_size"] = strict_batch_size
         # The EMA is built when training starts (it needs the prepared model). Validate every setting now, with
         # EMAState's own checks, on a one-weight stand-in model, so bad input fails before training.
         probe = {**self.ema_kwargs, "device": None, "total_steps": 1 if total_steps is None else total_steps}
+        if batch_size is None and reference_batch_size is not None:
+            probe["batch_size"] = reference_batch_size  # the real one comes from the Trainer at train begin
         EMAState(nn.Linear(1, 1), **probe)
         self.total_steps = total_steps
         self.replace_at_end = replace_at_end
@@ -499,7 +521,10 @@ class EMATrainerCallback(TrainerCallback):
                 total = int(state.max_steps)
             # A primary listed before this callback may hold its EMA in the model already (eval_on_start).
             with self._training_weights_in():
-                self.ema = EMAState(model, **{**self.ema_kwargs, "total_steps": total}, name=self.name)
+                batch = self.ema_kwargs.get("batch_size") or self._trainer_batch_size(args)
+                self.ema = EMAState(
+                    model, **{**self.ema_kwargs, "total_steps": total, "batch_size": batch}, name=self.name
+                )
                 logger.info(
                     "EMA%s built: decay=%s, decay_type=%s, update_every=%d, %d tensors (%.1f MiB)%s",
                     self._label(),
@@ -513,6 +538,7 @@ class EMATrainerCallback(TrainerCallback):
                 self._saved_at_step = None
                 if state.global_step > 0:
                     self._restore_for_resume(args, state, resume)
+            self._log_horizon()
             self._warn_long_horizon(state)
             self._set_log_hook(installed=True)
             self._training = True
@@ -614,14 +640,19 @@ class EMATrainerCallback(TrainerCallback):
         assert self.ema is not None
         max_steps = int(getattr(state, "max_steps", 0) or 0)
         n, decay = self.ema.update_every, self.ema.decay
-        horizon = n / (1.0 - decay**n)
+        h = self.ema.horizon()  # with reference_batch_size: at decay ** (B / B_ref) per optimizer step
+        horizon = h["steps"]
         if max_steps <= 0 or horizon <= max_steps:
             return
         detail = ""
         if self.ema.decay_type == "constant":
-            share = (decay**n) ** (max_steps // n)
+            share = h["applied_decay"] ** (max_steps // n)
             detail = f" (with this constant decay the initial weights keep {share:.0%} of the final EMA)"
-        hint = f", e.g. decay={1 - 10 / max_steps:.4g} (horizon max_steps/10)" if max_steps >= 20 else ""
+        # The decay to ask for, at the reference batch when there is one: (per-step decay) ** (B_ref / B).
+        kappa = h["batch_size"] / h["reference_batch_size"] if h["reference_batch_size"] else 1.0
+        hint = ""
+        if max_steps >= 20:
+            hint = f", e.g. decay={(1 - 10 / max_steps) ** (1 / kappa):.4g} (horizon max_steps/10)"
         logger.warning(
             "EMA%s: decay=%s%s averages over about %d optimizer steps, more than this run's max_steps=%d: at the "
             "end the EMA still leans on the early weights%s. Choose a decay whose horizon 1/(1-decay) is well "
@@ -633,6 +664,40 @@ class EMATrainerCallback(TrainerCallback):
             max_steps,
             detail,
             hint,
+        )
+
+    def _trainer_batch_size(self, args: TrainingArguments) -> int | None:
+        """The Trainer's effective batch: samples per optimizer step over all data-parallel processes.
+
+        ``Trainer.get_total_train_batch_size(args)`` where it exists (transformers >= 4.57: it divides out tensor,
+        context and sequence parallelism and follows ``auto_find_batch_size``), else
+        ``args.train_batch_size x args.gradient_accumulation_steps x args.world_size``.
+        """
+        trainer = self.trainer
+        get_total = getattr(trainer, "get_total_train_batch_size", None)
+        try:
+            if callable(get_total):
+                return int(get_total(args))
+            return int(args.train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    def _log_horizon(self) -> None:
+        """One INFO line at train start: the EMA's horizon at its maximum decay, in optimizer steps and samples."""
+        if self.ema is None:
+            return
+        h = self.ema.horizon()
+        parts = [f"decay {h['decay']:.6g}"]
+        if h["reference_batch_size"] is not None:
+            parts.append(
+                f"{h['step_decay']:.6g} per optimizer step at batch {h['batch_size']} "
+                f"(reference batch {h['reference_batch_size']})"
+            )
+        if h["update_every"] > 1:
+            parts.append(f"{h['applied_decay']:.6g} applied every {h['update_every']} steps")
+        samples = "" if h["samples"] is None else f" = {h['samples']:.6g} samples"
+        logger.info(
+            "EMA horizon 1/(1 - decay): %.6g optimizer steps%s (%s)", h["steps"], samples, "; ".join(parts)
         )
 
     def _set_log_hook(self, installed: bool) -> None:

@@ -10,6 +10,13 @@ on every N-th step (``t % N == 0``)::
 with ``D_t = d_t`` for ``N = 1`` and ``D_t = schedule.interval_decay(decay, t, total_steps, N)`` otherwise
 (``d_t**N`` by default, which keeps the averaging horizon, measured in optimizer steps, the same as with ``N = 1``).
 After the update ``EMAState.step == t``.
+
+EMA scaling rule (Busbridge et al. 2023, "How to Scale Your EMA", arXiv:2307.13813). With a
+``reference_batch_size`` ``B_ref`` and an effective batch ``B`` (samples per optimizer step), the decay applied is
+``D_t ** kappa`` with ``kappa = B / B_ref``: ``kappa`` optimizer steps at ``B_ref`` samples each would have applied
+``D_t`` ``kappa`` times, so the EMA's horizon in samples does not depend on ``B``. With ``time_unit="samples"``
+the schedule is evaluated at ``samples_seen / B_ref`` (and ``total_steps * B / B_ref``) instead of ``t`` and
+``total_steps``, so its warm-up also lasts a fixed number of samples.
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ _OWN_ARGS = (
     "replace_at_end",
     "eval_both",
     "raw_prefix",
+    "reference_batch_size",
+    "batch_size",
+    "time_unit",
+    "strict_batch_size",
 )
 
 
@@ -121,6 +132,63 @@ def _checked_decay(value: Any, schedule: IDecayFunction, step: int, interval: in
     if not (0.0 <= d <= 1.0):  # also rejects NaN
         raise ValueError(f"Decay schedule {schedule!r} returned {value!r} {where}; a decay must lie in [0, 1]")
     return d
+
+
+_TIME_UNITS = ("steps", "samples")
+
+
+def _check_batch_size(name: str, value: Any) -> int | None:
+    """``None`` or a positive integer (a number of samples), else a ValueError naming the argument."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer (samples) or None, got {value!r}")
+    return int(value)
+
+
+def _check_time_unit(time_unit: Any, reference_batch_size: int | None) -> str:
+    if time_unit not in _TIME_UNITS:
+        raise ValueError(f"`time_unit` must be one of {_TIME_UNITS}, got {time_unit!r}")
+    if time_unit == "samples" and reference_batch_size is None:
+        raise ValueError(
+            "time_unit='samples' counts the schedule's steps in samples / reference_batch_size: "
+            "pass reference_batch_size=... too"
+        )
+    return time_unit
+
+
+def _reference_steps(samples: int, reference_batch_size: int) -> int | float:
+    """``samples / reference_batch_size``: an int when it divides exactly, else a float."""
+    q, r = divmod(samples, reference_batch_size)
+    return q if r == 0 else samples / reference_batch_size
+
+
+def _samples_horizon(decay: float, batch_size: int, reference_batch_size: int, update_every: int) -> float:
+    """``N * B / (1 - decay ** (N * B / B_ref))``: the horizon in samples (as :meth:`EMAState.horizon`)."""
+    applied = decay ** (update_every * batch_size / reference_batch_size)
+    return math.inf if applied >= 1.0 else update_every * batch_size / (1.0 - applied)
+
+
+def _batch_size_from_accelerator(accelerator: Any) -> tuple[int | None, str]:
+    """The effective batch (samples per optimizer step) of the accelerator's prepared dataloaders:
+    ``total_batch_size`` (all processes) x ``gradient_accumulation_steps``; ``(None, why)`` when it is unknown or
+    ambiguous (dataloaders with different batch sizes, e.g. training and evaluation)."""
+    loaders = list(getattr(accelerator, "_dataloaders", None) or ())
+    sizes = set()
+    for loader in loaders:
+        try:
+            size = loader.total_batch_size
+        except (AttributeError, TypeError):
+            size = None
+        if not isinstance(size, numbers.Integral) or size < 1:
+            return None, f"a prepared dataloader has no usable total_batch_size ({size!r})"
+        sizes.add(int(size))
+    if not sizes:
+        return None, "the accelerator has prepared no dataloader yet"
+    if len(sizes) > 1:
+        return None, f"its prepared dataloaders have different batch sizes {sorted(sizes)}"
+    accumulation = getattr(accelerator, "gradient_accumulation_steps", 1) or 1
+    return sizes.pop() * int(accumulation), ""
 
 
 def _resolve_dtype(dtype: Any) -> torch.dtype | None:
@@ -269,6 +337,20 @@ class EMAState:
         name: ``None`` (folder ``ema_net``) or a name of letters, digits, ``_``, ``.``, ``-`` (folder
             ``ema_net-<name>``): several EMAs of one model save, load and resume side by side. Two EMAs with the
             same name on one ``accelerator`` are refused (they would write the same folder).
+        reference_batch_size: ``B_ref``: the effective batch that ``decay`` (and the schedule) is meant for. The
+            decay applied per optimizer step is then ``d ** (B / B_ref)``, with ``B`` = ``batch_size``: the EMA
+            scaling rule of Busbridge et al. 2023 (arXiv:2307.13813), which keeps the horizon in samples when the
+            batch, the number of processes or the gradient accumulation changes. ``None`` (default): no scaling.
+        batch_size: ``B``: samples per optimizer step, all processes and accumulated micro-batches included
+            (per-device batch x gradient accumulation x data-parallel processes). Default: with an
+            ``accelerator``, its prepared dataloaders' ``total_batch_size`` x ``gradient_accumulation_steps``;
+            required with ``reference_batch_size`` otherwise. Change it with :meth:`set_batch_size`.
+        time_unit: ``"steps"`` (default): the schedule gets the optimizer step count; ``"samples"`` (needs
+            ``reference_batch_size``): it gets ``samples_seen / B_ref`` and ``total_steps * B / B_ref``, the
+            training progress in reference-batch steps (a float when not a whole number: custom schedules must
+            accept floats in this mode).
+        strict_batch_size: Refuse (``ValueError``) to load an EMA saved with another effective batch size,
+            instead of rescaling the decay (and logging it).
         **schedule_kwargs: Arguments of the schedule's constructor (each passed only to a schedule that declares
             it; ``beta`` only where accepted); an argument that no one takes is refused, naming it. For a
             SuperGradients ``ema_params`` dict use :meth:`from_params`, which also reads its defaults.
@@ -300,6 +382,10 @@ class EMAState:
         accelerator: Any = None,
         side_stream: bool = False,
         name: str | None = None,
+        reference_batch_size: int | None = None,
+        batch_size: int | None = None,
+        time_unit: str = "steps",
+        strict_batch_size: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -328,6 +414,7 @@ class EMAState:
             decay_type, self.schedule_kwargs, optional=("beta",), owner_args=_OWN_ARGS, owner=_OWNER
         )
         self._check_schedule_needs()
+        self._init_batch_scaling(reference_batch_size, batch_size, time_unit, strict_batch_size, accelerator)
 
         self.accelerator = accelerator
         self.model = dist_utils.unwrap_model(model, accelerator)
@@ -389,6 +476,36 @@ class EMAState:
                 f"decay_type={self.decay_type!r} needs `total_steps` (the planned number of optimizer steps); "
                 "pass total_steps=... (the Trainer callback sets it from max_steps)"
             )
+
+    def _init_batch_scaling(
+        self,
+        reference_batch_size: Any,
+        batch_size: Any,
+        time_unit: Any,
+        strict_batch_size: Any,
+        accelerator: Any,
+    ) -> None:
+        """Check and set the EMA scaling rule's settings (see :meth:`set_batch_size`)."""
+        self.reference_batch_size = _check_batch_size("reference_batch_size", reference_batch_size)
+        self.time_unit = _check_time_unit(time_unit, self.reference_batch_size)
+        if not isinstance(strict_batch_size, bool):
+            raise TypeError(
+                f"`strict_batch_size` must be True or False, got {type(strict_batch_size).__name__}: "
+                f"{strict_batch_size!r}"
+            )
+        self.strict_batch_size = strict_batch_size
+        self._batch_size = _check_batch_size("batch_size", batch_size)
+        why = "no accelerator was given"
+        if self._batch_size is None and accelerator is not None:
+            self._batch_size, why = _batch_size_from_accelerator(accelerator)
+        if self._batch_size is None and self.reference_batch_size is not None:
+            raise ValueError(
+                f"reference_batch_size={self.reference_batch_size} needs the effective batch size B (samples per "
+                f"optimizer step) to scale the decay by B / reference_batch_size, and it is unknown ({why}): pass "
+                "batch_size=<per-device batch x gradient accumulation x processes>"
+            )
+        #: Samples averaged over so far (the sum of the effective batch over counted steps); None when unknown.
+        self.samples_seen: int | None = 0 if self._batch_size is not None else None
 
     def _ema_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.dtype is None or t.dtype == torch.float64:
@@ -721,6 +838,93 @@ class EMAState:
         """Bytes held by this process's EMA tensors (its shards only, on sharded models)."""
         return sum(e.ema.numel() * e.ema.element_size() for e in self._primaries)
 
+    # ------------------------------------------------------------------ batch size (EMA scaling rule)
+    @property
+    def batch_size(self) -> int | None:
+        """The effective batch ``B``: samples per optimizer step (None: unknown). Set it with
+        :meth:`set_batch_size`."""
+        return self._batch_size
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """Tell the EMA that optimizer steps from now on see ``batch_size`` samples (all processes and accumulated
+        micro-batches together), e.g. after a batch-size ramp. With ``reference_batch_size`` the following updates
+        apply ``d ** (batch_size / reference_batch_size)``; ``samples_seen`` counts the new size from here on.
+
+        Example:
+            >>> ema = EMAState(nn.Linear(2, 2), decay=0.9, reference_batch_size=32, batch_size=32)
+            >>> ema.set_batch_size(64)
+            >>> round(ema.update(), 12)  # 0.9 ** (64 / 32)
+            0.81
+        """
+        size = _check_batch_size("batch_size", batch_size)
+        if size is None:
+            raise ValueError("`batch_size` must be a positive integer (samples), got None")
+        if self.samples_seen is None and self._batch_size is None and self.step == 0:
+            self.samples_seen = 0
+        self._batch_size = size
+
+    def horizon(self, decay: float | None = None) -> dict[str, Any]:
+        """The EMA's averaging horizon, ``1 / (1 - decay)``, in optimizer steps and in samples.
+
+        With ``kappa = batch_size / reference_batch_size`` (1 without a reference batch) and ``N = update_every``:
+        ``step_decay = decay ** kappa`` (per optimizer step), ``applied_decay = decay ** (kappa * N)`` (per
+        averaging, every N steps), ``steps = N / (1 - applied_decay)`` (``1 / (1 - step_decay)`` for ``N = 1``:
+        the age, in optimizer steps, at which a weight's share has fallen by about ``e``) and
+        ``samples = steps * batch_size``. With the scaling rule ``samples`` stays ~``B_ref / (1 - decay)`` whatever
+        the batch size.
+
+        Args:
+            decay: A decay of the schedule at the reference batch; default: the maximum ``decay``, which the
+                schedule approaches (``constant``: the decay used at every step).
+
+        Returns:
+            ``{"decay", "step_decay", "applied_decay", "update_every", "steps", "samples", "batch_size",
+            "reference_batch_size"}``; ``samples`` is None when the batch size is unknown, ``steps`` is ``inf``
+            for a decay of 1.
+
+        Example:
+            >>> ema = EMAState(nn.Linear(2, 2), decay=0.99, batch_size=64, reference_batch_size=32)
+            >>> h = ema.horizon()
+            >>> round(h["step_decay"], 6), round(h["steps"], 2), round(h["samples"], 1)
+            (0.9801, 50.25, 3216.1)
+        """
+        d = self.decay if decay is None else _checked_decay(decay, self.schedule, self.step)
+        b, b_ref = self._batch_size, self.reference_batch_size
+        kappa = 1.0 if b_ref is None or b is None else b / b_ref
+        n = self.update_every
+        applied = d ** (kappa * n)
+        steps = math.inf if applied >= 1.0 else n / (1.0 - applied)
+        return {
+            "decay": d,
+            "step_decay": d**kappa,
+            "applied_decay": applied,
+            "update_every": self.update_every,
+            "steps": steps,
+            "samples": None if b is None else steps * b,
+            "batch_size": b,
+            "reference_batch_size": b_ref,
+        }
+
+    def _scaled_decays(self, step: int, averaging: bool) -> tuple[float, float]:
+        """``(d ** kappa, D ** kappa)`` for optimizer step ``step``, ``kappa = B / B_ref``, with the schedule on
+        optimizer steps or (``time_unit="samples"``) on samples / ``B_ref``."""
+        b, b_ref, n = self._batch_size, self.reference_batch_size, self.update_every
+        assert b is not None and b_ref is not None
+        if self.time_unit == "samples":
+            t: int | float = _reference_steps((self.samples_seen or 0) + b, b_ref)
+            total = None if self.total_steps is None else _reference_steps(self.total_steps * b, b_ref)
+        else:
+            t, total = step, self.total_steps
+        d = _checked_decay(self.schedule(self.decay, t, total), self.schedule, step)
+        if averaging and n > 1:
+            dn = _checked_decay(self.schedule.interval_decay(self.decay, t, total, n), self.schedule, step, n)
+        else:
+            dn = d
+        if b == b_ref:
+            return d, dn
+        kappa = b / b_ref
+        return d**kappa, dn**kappa
+
     # ------------------------------------------------------------------ update
     def decay_at(self, step: int) -> float:
         """The schedule's decay for optimizer step ``step`` (1-based: the steps done, including that one),
@@ -740,11 +944,14 @@ class EMAState:
         ``d = schedule(decay, t, total_steps)``; when ``t % N == 0`` (``N = update_every``),
         ``ema = ema * D + param * (1 - D)`` with ``D = d`` for ``N = 1``, else
         ``D = schedule.interval_decay(decay, t, total_steps, N)`` (``d**N`` by default). Afterwards
-        ``self.step == t``.
+        ``self.step == t``. With ``reference_batch_size`` both become ``d ** kappa`` and ``D ** kappa``,
+        ``kappa = batch_size / reference_batch_size`` (and with ``time_unit="samples"`` the schedule sees
+        ``samples_seen / reference_batch_size`` instead of ``t``); ``samples_seen`` grows by ``batch_size``.
 
         Returns:
-            ``d``, the schedule's decay for this step; ``None`` when the accelerator reports that the optimizer
-            skipped the step (fp16 overflow): such a step is neither counted nor averaged.
+            ``d``, the decay per optimizer step for this step (``d ** kappa`` with a reference batch size);
+            ``None`` when the accelerator reports that the optimizer skipped the step (fp16 overflow): such a step
+            is neither counted nor averaged.
 
         Raises:
             ValueError: If the schedule gives a value outside [0, 1]; nothing is counted or averaged then.
@@ -760,16 +967,21 @@ class EMAState:
             return None
         self._check_bindings()
         step = self.step + 1
-        d = self.decay_at(step)
         n = self.update_every
         averaging = step % n == 0
-        if averaging and n > 1:
-            dn = _checked_decay(
-                self.schedule.interval_decay(self.decay, step, self.total_steps, n), self.schedule, step, n
-            )
+        if self.reference_batch_size is not None:
+            d, dn = self._scaled_decays(step, averaging)
         else:
-            dn = d
+            d = self.decay_at(step)
+            if averaging and n > 1:
+                dn = _checked_decay(
+                    self.schedule.interval_decay(self.decay, step, self.total_steps, n), self.schedule, step, n
+                )
+            else:
+                dn = d
         self.step = step
+        if self.samples_seen is not None:
+            self.samples_seen += self._batch_size
         self.last_decay = d
         if averaging:
             weight = 1.0 - dn
@@ -799,6 +1011,8 @@ class EMAState:
         step = int(step)
         self.step = step
         self.num_updates = step // self.update_every
+        if self._batch_size is not None:  # as if every step had the current batch size
+            self.samples_seen = step * self._batch_size
 
     def _apply(self, weight: float) -> None:
         self._flush_offload()
@@ -991,6 +1205,15 @@ class EMAState:
             "buffers": self.buffers,
             "trainable_only": self.trainable_only,
             "names": list(self._names),
+            **self._batch_meta(),
+        }
+
+    def _batch_meta(self) -> dict[str, Any]:
+        return {
+            "batch_size": self._batch_size,
+            "reference_batch_size": self.reference_batch_size,
+            "time_unit": self.time_unit,
+            "samples_seen": self.samples_seen,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -1060,6 +1283,7 @@ class EMAState:
             raise ValueError(f"Malformed EMA meta (needs an integer 'step' and valid options): {e}") from e
         saved_kwargs = meta.get("schedule_kwargs") or {}
         decay = _check_decay(meta["decay"]) if meta.get("decay") is not None else self.decay
+        batch = self._read_batch_meta(meta, step, decay, update_every)
         decay_type = meta.get("decay_type", self.decay_type)
         mine = (self.decay, self.decay_type, self.update_every, _jsonable(self.schedule.config()))
         saved = (decay, decay_type, update_every, saved_kwargs)
@@ -1083,6 +1307,83 @@ class EMAState:
         self.decay_type, self.schedule = schedule
         if self.total_steps is None and total_steps is not None:
             self.total_steps = total_steps
+        self.reference_batch_size, self.time_unit, self._batch_size, self.samples_seen = batch
+
+    def _read_batch_meta(
+        self, meta: Mapping[str, Any], step: int, decay: float, update_every: int
+    ) -> tuple[int | None, str, int | None, int | None]:
+        """Check the saved batch settings against this run's (nothing is changed here); log the rescaling.
+
+        Returns ``(reference_batch_size, time_unit, batch_size, samples_seen)`` to continue with: the saved
+        reference batch and time unit (files without them: this EMA's), this run's batch size (unknown: the saved
+        one), and the saved sample count (files without it: ``step`` x the saved or current batch size).
+
+        Raises:
+            ValueError: If the settings are malformed, or ``strict_batch_size`` and the batch size differs.
+        """
+        try:
+            saved_b = _check_batch_size("batch_size", meta.get("batch_size"))
+            ref, unit = self.reference_batch_size, self.time_unit
+            if "reference_batch_size" in meta:
+                ref = _check_batch_size("reference_batch_size", meta["reference_batch_size"])
+                unit = meta.get("time_unit") or "steps"
+            unit = _check_time_unit(unit, ref)
+            samples = meta.get("samples_seen")
+            if samples is not None and (
+                isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 0
+            ):
+                raise ValueError(f"`samples_seen` must be an integer >= 0 or None, got {samples!r}")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Malformed EMA meta (batch-size settings): {e}") from e
+        now = self._batch_size if self._batch_size is not None else saved_b
+        if self.strict_batch_size and None not in (saved_b, now) and saved_b != now:
+            raise ValueError(
+                f"strict_batch_size=True: the EMA was saved with effective batch size {saved_b} and this run has "
+                f"{now} (samples per optimizer step); use the same batch size, or strict_batch_size=False to "
+                "rescale the decay"
+            )
+        if (ref, unit) != (self.reference_batch_size, self.time_unit):
+            logger.warning(
+                "Loaded EMA state was saved with reference_batch_size=%s, time_unit=%s; continuing with the saved "
+                "settings instead of reference_batch_size=%s, time_unit=%s.",
+                ref,
+                unit,
+                self.reference_batch_size,
+                self.time_unit,
+            )
+        if samples is None and (saved_b or now) is not None:
+            samples = step * (saved_b or now)
+            if unit == "samples":
+                logger.warning(
+                    "The saved EMA state has no sample count: assuming %d samples (%d steps x batch size %d).",
+                    samples,
+                    step,
+                    saved_b or now,
+                )
+        if saved_b is not None and now is not None and saved_b != now:
+            if ref is not None:
+                logger.warning(
+                    "EMA: effective batch %d (saved) -> %d (now): per-step decay rescaled to d**(%d/%d) = d**%.6g, "
+                    "so the horizon stays ~%.6g samples (at decay=%s; it was ~%.6g).",
+                    saved_b,
+                    now,
+                    now,
+                    ref,
+                    now / ref,
+                    _samples_horizon(decay, now, ref, update_every),
+                    decay,
+                    _samples_horizon(decay, saved_b, ref, update_every),
+                )
+            else:
+                logger.info(
+                    "EMA: effective batch %d (saved) -> %d (now): without reference_batch_size the decay per "
+                    "optimizer step is unchanged, so the EMA's horizon in samples changes by %.6gx (pass "
+                    "reference_batch_size to keep it).",
+                    saved_b,
+                    now,
+                    now / saved_b,
+                )
+        return ref, unit, now, samples
 
     # ------------------------------------------------------------------ full weights and files
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -1185,6 +1486,10 @@ class EMAState:
         }
         if "decay_type" not in overrides:  # the saved schedule's arguments belong to the saved schedule only
             kwargs.update(meta.get("schedule_kwargs", {}))
+        kwargs["reference_batch_size"] = meta.get("reference_batch_size")
+        kwargs["time_unit"] = meta.get("time_unit") or "steps"
+        if "batch_size" not in overrides and "accelerator" not in overrides:  # else: this run's batch size
+            kwargs["batch_size"] = meta.get("batch_size")
         kwargs.update(overrides)
         return cls(model, **kwargs)._load_dir(directory)
 
