@@ -56,8 +56,8 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
         if obj is None:
             return
         ema_dir = os.path.join(input_dir, EMA_DIRNAME)
-        # An incomplete ema_net is loaded so that its error is raised; a save interrupted between its renames is
-        # recovered from the previous folder (find_ema_dir).
+        # An incomplete ema_net is loaded so that its error is raised; a save that a crash interrupted after its
+        # data was complete is finished on disk by find_ema_dir.
         if os.path.isdir(ema_dir) or find_ema_dir(ema_dir) is not None:
             obj.load(input_dir)
         else:
