@@ -79,6 +79,13 @@ class EMAArguments:
         default="eval_raw",
         metadata={"help": "Metric prefix of the training weights' evaluation (eval_both)."},
     )
+    ema_allow_restart: bool = field(
+        default=False,
+        metadata={
+            "help": "On resume from a checkpoint without a usable ema_net, restart the EMA (with a warning) "
+            "instead of stopping with an error."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -108,6 +115,7 @@ class EMAArguments:
             "replace_at_end": self.ema_replace_at_end,
             "eval_both": self.ema_eval_both,
             "raw_prefix": self.ema_raw_prefix,
+            "allow_ema_restart": self.ema_allow_restart,
         }
 
     def callbacks(self) -> list[EMATrainerCallback]:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .io import EMA_DIRNAME
+from .io import EMA_DIRNAME, STATE_NAME, WEIGHTS_NAME, EMAFileError
 from .loading import has_ema
 from .schedules import IDecayFunction
 from .state import EMAState
@@ -146,8 +146,10 @@ class EMATrainerCallback(TrainerCallback):
 
     What it does during ``Trainer.train()``:
 
-    * builds the EMA from the model at the start of training, or restores it from ``<checkpoint>/ema_net`` when
-      resuming (a checkpoint without one: a warning, and the EMA starts from the loaded weights);
+    * builds the EMA from the model at the start of training, or restores its state from ``<checkpoint>/ema_net``
+      when resuming (the settings stay the ones given here; a difference from the saved ones is logged once); a
+      checkpoint without a usable ``ema_net`` stops ``train()`` with an error before any step, unless
+      ``allow_ema_restart=True``;
     * updates it once per optimizer step and logs the decay used as ``ema_decay``;
     * evaluates with the EMA weights (``eval_strategy`` steps/epoch and ``eval_on_start``), putting the training
       weights back bitwise before training continues and before the checkpoint's regular weights are written;
@@ -173,6 +175,9 @@ class EMATrainerCallback(TrainerCallback):
         eval_both: After each EMA evaluation, also evaluate the training weights and report their metrics under
             ``raw_prefix`` (needs the Trainer: found automatically inside ``Trainer.train``, or see :meth:`bind`).
         raw_prefix: Metric prefix of the training weights' evaluation, e.g. ``eval_raw_loss``.
+        allow_ema_restart: When resuming from a checkpoint that has no usable ``ema_net`` (the process was killed
+            while saving it, or the run had no EMA), restart the EMA from the checkpoint's weights with a warning,
+            instead of raising. An ``ema_net`` that is there but cannot be read always raises.
         **schedule_kwargs: Passed to the schedule's constructor (as in SuperGradients' ``ema_params``).
 
     Raises:
@@ -204,12 +209,14 @@ class EMATrainerCallback(TrainerCallback):
         replace_at_end: bool = True,
         eval_both: bool = False,
         raw_prefix: str = "eval_raw",
+        allow_ema_restart: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         for name, value in (
             ("replace_at_end", replace_at_end),
             ("eval_both", eval_both),
             ("trainable_only", trainable_only),
+            ("allow_ema_restart", allow_ema_restart),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be True or False, got {type(value).__name__}: {value!r}")
@@ -243,6 +250,7 @@ class EMATrainerCallback(TrainerCallback):
         self.replace_at_end = replace_at_end
         self.eval_both = eval_both
         self.raw_prefix = raw_prefix
+        self.allow_ema_restart = allow_ema_restart
         #: The :class:`hf_ema.EMAState` driven by this callback (``None`` until training starts).
         self.ema: EMAState | None = None
         self._trainer_ref: Any = None
@@ -361,18 +369,37 @@ class EMATrainerCallback(TrainerCallback):
             if c and os.path.isdir(c) and _checkpoint_step(c) in (step, None):
                 checkpoint = c
                 break
+        # has_ema also finishes a save of ema_net that a killed process left complete but not renamed into place.
         if checkpoint is not None and has_ema(checkpoint):
-            self.ema.load(checkpoint)
+            self.ema.load(checkpoint)  # the state from the file, the settings from this callback
             logger.info(
                 "EMA restored from %s (EMA step %d)", os.path.join(checkpoint, EMA_DIRNAME), self.ema.step
             )
             return
-        where = repr(checkpoint) if checkpoint else f"any of {[c for c in candidates if c]}"
+        # Without a usable ema_net the EMA of the first `step` steps is gone: never continue quietly.
+        ema_dir = os.path.join(checkpoint, EMA_DIRNAME) if checkpoint else None
+        if checkpoint is None:
+            problem = f"its folder was not found (looked for {[c for c in candidates if c]})"
+        elif os.path.isdir(ema_dir):
+            lacking = [f for f in (WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(os.path.join(ema_dir, f))]
+            problem = f"its `{EMA_DIRNAME}` folder is incomplete (it lacks {', '.join(lacking)})"
+        else:
+            problem = f"it has no `{EMA_DIRNAME}` folder"
+        where = repr(checkpoint) if checkpoint else "the checkpoint"
+        if not self.allow_ema_restart:
+            raise EMAFileError(
+                f"Resuming from {where} at step {step}, but its EMA cannot be restored: {problem}. Most likely the "
+                "process was killed while saving that checkpoint (the Trainer writes its own files first, then the "
+                "EMA), or the run that wrote it kept no EMA. To keep the exact EMA, delete that checkpoint and resume "
+                "from the previous one; to restart the EMA from this checkpoint's weights instead, pass "
+                "allow_ema_restart=True to EMATrainerCallback (--ema_allow_restart)."
+            )
         logger.warning(
-            "Resuming at step %d but no `%s` folder was found in %s: the EMA starts from the loaded weights.",
-            step,
-            EMA_DIRNAME,
+            "Resuming from %s at step %d without its EMA (%s): allow_ema_restart=True, so the EMA restarts from the "
+            "loaded weights.",
             where,
+            step,
+            problem,
         )
         # Keep the schedule aligned with the optimizer steps already taken.
         self.ema.skip_to(step)
