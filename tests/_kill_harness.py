@@ -9,10 +9,11 @@ test kills a dozen runs). ``JOBS.json`` lists jobs, run one after another; each 
   to copy ``out`` to before the run (what a kill left, for the test to inspect untouched or to resume otherwise);
 * ``decay``, ``max_steps``: the run (tiny BERT, exp schedule, a checkpoint every 2 steps, seed 0);
 * ``resume``: ``null`` (from scratch), or ``"latest"``: the newest ``checkpoint-N`` holding ``trainer_state.json`` (the
-  Trainer's last file), from scratch when there is none;
+  Trainer's last file), from scratch when there is none; a run whose newest checkpoint is its last step and holds
+  its EMA had finished: it is reported ``complete``, with that EMA, and not resumed;
 * ``kill_at`` + ``kill_save``: the child kills itself with SIGKILL at that point of its ``kill_save``-th EMA save
   (the points are in ``_install_kill``); ``kill_after``: the harness kills the child after that fraction of the
-  wall time of the first job (the uninterrupted reference run);
+  wall time of the last job marked ``timing`` (an uninterrupted run);
 * ``allow_restart``: ``EMATrainerCallback(allow_ema_restart=...)``;
 * ``retry_previous``: when the resume stops with the EMA error, delete that checkpoint and resume from the previous
   one (what the error tells the user to do), in one more child;
@@ -22,7 +23,6 @@ test kills a dozen runs). ``JOBS.json`` lists jobs, run one after another; each 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+import transformers
 from _trainer_utils import ToyDataset, training_args
 from reference import tiny_bert
 from safetensors.torch import save_file
@@ -48,20 +49,30 @@ import hf_ema.io
 import hf_ema.state
 from hf_ema import EMATrainerCallback
 from hf_ema.io import EMA_DIRNAME, STATE_NAME, EMAFileError
+from hf_ema.loading import has_ema
 
 SAVE_STEPS = 2
+CHILD_TIMEOUT = 120.0  # seconds; a child still running then is killed and reported as hung
 
-with contextlib.suppress(Exception):  # what the Trainer imports lazily, once here rather than in every child
-    import deepspeed  # noqa: F401
-gc.collect()
-gc.freeze()  # the children's gc.collect() (Accelerate calls it) then skips everything imported here
+# No progress bars: tqdm guards them with a lock shared by forked processes, which a child killed while holding it
+# would leave locked for every later child.
+transformers.utils.logging.disable_progress_bar()
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing ``checkpoint`` (its last file, trainer_state.json, is whole)."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     found = [
         (int(m.group(1)), p)
         for p in out.glob("checkpoint-*")
-        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and _finished(p)
     ]
     return max(found)[1] if found else None
 
@@ -169,18 +180,25 @@ def run_child(job: dict, resume: str | None, tag: str, reference_wall: float) ->
     pid = os.fork()
     if pid == 0:
         _child(job, resume, ema_file, status_file)
-    if job.get("kill_after") is not None and tag == "run":
-        deadline = start + job["kill_after"] * reference_wall
-        while time.monotonic() < deadline:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.005)
-        else:
+    kill_at = (
+        start + job["kill_after"] * reference_wall
+        if job.get("kill_after") is not None and tag == "run"
+        else None
+    )
+    done, wait_status, hung = 0, 0, False
+    while not done:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        now = time.monotonic()
+        if not done and ((kill_at is not None and now >= kill_at) or now - start > CHILD_TIMEOUT):
+            hung = kill_at is None or now < kill_at
             os.kill(pid, signal.SIGKILL)
-    _, wait_status = os.waitpid(pid, 0)
+            _, wait_status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.002 if kill_at is not None else 0.02)
     out = {"resume": resume, "wall": time.monotonic() - start}
-    if os.WIFSIGNALED(wait_status):
+    if hung:
+        out.update(status="hung", error=f"still running after {CHILD_TIMEOUT} s")
+    elif os.WIFSIGNALED(wait_status):
         out.update(status="killed", signal=os.WTERMSIG(wait_status))
     elif Path(status_file).is_file():
         out.update(json.loads(Path(status_file).read_text()))
@@ -196,11 +214,19 @@ def run_job(job: dict, reference_wall: float) -> dict:
     if job.get("prefill"):
         shutil.copytree(job["prefill"], out, dirs_exist_ok=True)
     for copy in job.get("snapshot", ()):
-        shutil.copytree(out, copy)
+        if out.is_dir():
+            shutil.copytree(out, copy)
+        else:  # a run killed before the Trainer made its output_dir left nothing
+            os.makedirs(copy)
     resume = job.get("resume")
     if resume == "latest":
         found = latest_checkpoint(out)
         resume = str(found) if found else None
+        if found and int(found.name.split("-")[1]) >= job["max_steps"] and has_ema(found):
+            # The run had finished (has_ema finishes an interrupted EMA save, as a resume would). Not resumed: this
+            # Trainer (5.24) resumed at max_steps trains one step more.
+            ema_file = str(found / EMA_DIRNAME / "model.safetensors")
+            return {"job": job, "runs": [{"resume": resume, "status": "complete", "ema_file": ema_file}]}
     runs = [run_child(job, resume, "run", reference_wall)]
     if job.get("retry_previous") and runs[-1]["status"] == "ema_error" and resume:
         shutil.rmtree(resume)
@@ -209,12 +235,31 @@ def run_job(job: dict, reference_wall: float) -> dict:
     return {"job": job, "runs": runs}
 
 
+def _warm_up(folder: Path) -> None:
+    """One short run here, before any fork, so that what a first run loads lazily is loaded once: the children's
+    runs then take the same time from the start, and the random kill moments spread over the whole run."""
+    _train(
+        {"out": str(folder / "warm_up"), "decay": 0.5, "max_steps": SAVE_STEPS},
+        None,
+        str(folder / "warm_up.st"),
+    )
+    shutil.rmtree(folder / "warm_up")
+    os.unlink(folder / "warm_up.st")
+    import tqdm.std
+
+    assert not hasattr(tqdm.std.TqdmDefaultWriteLock, "mp_lock"), "a lock the children would share"
+    gc.collect()
+    gc.freeze()  # the children's gc.collect() (Accelerate calls it) then skips all that
+
+
 def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
+    _warm_up(Path(sys.argv[1]).parent)
     reference_wall = 0.0
     for job in jobs:
         result = run_job(job, reference_wall)
-        reference_wall = reference_wall or result["runs"][0]["wall"]
+        if job.get("timing"):
+            reference_wall = result["runs"][0]["wall"]
         Path(job["result"]).write_text(json.dumps(result, indent=1))
 
 

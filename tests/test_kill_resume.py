@@ -33,7 +33,7 @@ LOUD = ["save_start", "weights_partial", "weights_written", "json_unrenamed"]
 EXACT = ["json_written", "renamed", "save_end"]
 #: Kills while replacing an ema_net that a stale earlier run left in checkpoint-4 (a reused output_dir).
 OVERWRITE = ["between_renames", "cleanup"]
-RANDOM_KILLS = [round(f, 3) for f in random.Random(20240611).sample([i / 100 for i in range(5, 100)], 3)]
+RANDOM_KILLS = sorted(random.Random(20240611).sample([i / 100 for i in range(5, 100)], 8))
 
 
 def _job(root: Path, name: str, **kw) -> dict:
@@ -49,7 +49,8 @@ def _job(root: Path, name: str, **kw) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("kill")
-    jobs = [_job(root, "reference"), _job(root, "stale", decay=STALE_DECAY, max_steps=4)]
+    jobs = [_job(root, "reference"), _job(root, "timing", timing=True)]
+    jobs.append(_job(root, "stale", decay=STALE_DECAY, max_steps=4))
     names = []
     for point in LOUD + EXACT + OVERWRITE:
         prefill = {"prefill": str(root / "stale")} if point in OVERWRITE else {}
@@ -156,14 +157,14 @@ def test_resume_after_the_kill_is_exact_or_loud(runs, name):
     if name in LOUD:
         assert first["status"] == "ema_error", first
     if name in EXACT + OVERWRITE:
-        assert first["status"] == "ok", first
+        assert first["status"] == "ok", first  # (resumed from checkpoint-4)
     if first["status"] == "ema_error":
         # Loud: names the checkpoint and both ways out; then, as it says, the previous checkpoint resumes exactly.
         assert first["resume"] in first["error"] and "allow_ema_restart=True" in first["error"], first
         assert "delete that checkpoint" in first["error"]
         assert len(attempts) == 2, attempts
     done = attempts[-1]
-    assert done["status"] == "ok", done
+    assert done["status"] in ("ok", "complete"), done  # complete: killed after its last checkpoint was saved
     assert _same_bits(_ema(done["ema_file"]), final), (
         f"{name}: resumed EMA differs from the uninterrupted run"
     )
