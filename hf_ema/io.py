@@ -286,7 +286,10 @@ def _finish_interrupted_save(final: Path) -> Path | None:
         return source
     _fsync_dir(parent)
     logger.warning(
-        "Finished an interrupted save of the EMA: %s was missing; %s renamed to it (%s).", final, source.name, what
+        "Finished an interrupted save of the EMA: %s was missing; %s renamed to it (%s).",
+        final,
+        source.name,
+        what,
     )
     for stale in parent.glob(f"{_OLD_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -358,7 +361,10 @@ _META_FIELDS: dict[str, tuple[Any, str]] = {
         lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
         "an object of schedule arguments",
     ),
-    "dtype": (lambda v: v is None or _is_float_dtype_name(v), "null or a floating dtype name such as 'float32'"),
+    "dtype": (
+        lambda v: v is None or _is_float_dtype_name(v),
+        "null or a floating dtype name such as 'float32'",
+    ),
     "buffers": (lambda v: v in ("average", "copy", "ignore"), "'average', 'copy' or 'ignore'"),
     "trainable_only": (lambda v: isinstance(v, bool), "true or false"),
     "names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of tensor names"),
