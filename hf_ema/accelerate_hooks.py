@@ -90,8 +90,8 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
             return
         dirname = ema_dirname(obj.name)
         ema_dir = os.path.join(input_dir, dirname)
-        # An incomplete ema_net is loaded so that its error is raised; a save interrupted between its renames is
-        # recovered from the previous folder (find_ema_dir).
+        # An incomplete ema_net is loaded so that its error is raised; a save that a crash interrupted after its
+        # data was complete is finished on disk by find_ema_dir.
         if os.path.isdir(ema_dir) or find_ema_dir(ema_dir) is not None:
             obj.load(input_dir)
         else:

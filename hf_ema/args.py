@@ -127,6 +127,13 @@ class EMAArguments:
         default=False,
         metadata={"help": "Refuse to resume an EMA saved with another effective batch size (else: rescale)."},
     )
+    ema_allow_restart: bool = field(
+        default=False,
+        metadata={
+            "help": "On resume from a checkpoint without a usable ema_net, restart the EMA (with a warning) "
+            "instead of stopping with an error."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -176,6 +183,7 @@ class EMAArguments:
                 )
                 if value is not default and value != default  # given only when set, as the callback's own
             },
+            "allow_ema_restart": self.ema_allow_restart,
         }
 
     def callbacks(self) -> list[EMATrainerCallback]:

@@ -83,7 +83,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from .io import ema_dirname
+from .io import STATE_NAME, WEIGHTS_NAME, EMAFileError, ema_dirname
 from .loading import has_ema
 from .schedules import IDecayFunction, supergradients_kwargs
 from .state import EMAState, _check_device
@@ -265,8 +265,10 @@ class EMATrainerCallback(TrainerCallback):
 
     What it does during ``Trainer.train()``:
 
-    * builds the EMA from the model at the start of training, or restores it from ``<checkpoint>/ema_net`` when
-      resuming (a checkpoint without one: a warning, and the EMA starts from the loaded weights);
+    * builds the EMA from the model at the start of training, or restores its state from ``<checkpoint>/ema_net``
+      when resuming (the settings stay the ones given here; a difference from the saved ones is logged once); a
+      checkpoint without a usable ``ema_net`` stops ``train()`` with an error before any step, unless
+      ``allow_ema_restart=True``;
     * updates it once per optimizer step and logs the schedule's decay of the last step as ``ema_decay`` and, with
       ``update_every > 1``, the decay the last averaging applied (the schedule's ``interval_decay``:
       ``ema_decay ** update_every`` unless the schedule says otherwise) as ``ema_decay_applied`` (a named EMA:
@@ -321,6 +323,9 @@ class EMATrainerCallback(TrainerCallback):
         batch_size: Overrides the Trainer's effective batch ``B`` (samples per optimizer step).
         time_unit: ``"samples"``: the schedule counts its steps in samples / ``reference_batch_size``.
         strict_batch_size: Refuse to resume an EMA saved with another effective batch size, instead of rescaling.
+        allow_ema_restart: When resuming from a checkpoint that has no usable ``ema_net`` (the process was killed
+            while saving it, or the run had no EMA), restart the EMA from the checkpoint's weights with a warning,
+            instead of raising. An ``ema_net`` that is there but cannot be read always raises.
         **schedule_kwargs: Passed to the schedule's constructor (as in SuperGradients' ``ema_params``).
 
     Raises:
@@ -361,6 +366,7 @@ class EMATrainerCallback(TrainerCallback):
         batch_size: int | None = None,
         time_unit: str = "steps",
         strict_batch_size: bool = False,
+        allow_ema_restart: bool = False,
         **schedule_kwargs: Any,
     ) -> None:
         for arg, value in (
@@ -368,6 +374,7 @@ class EMATrainerCallback(TrainerCallback):
             ("eval_both", eval_both),
             ("trainable_only", trainable_only),
             ("evaluate", evaluate),
+            ("allow_ema_restart", allow_ema_restart),
         ):
             if not isinstance(value, bool):
                 raise TypeError(f"`{arg}` must be True or False, got {type(value).__name__}: {value!r}")
@@ -427,6 +434,7 @@ class EMATrainerCallback(TrainerCallback):
         self.name = name
         self.eval_prefix = eval_prefix if eval_prefix is not None else (f"eval_ema_{name}" if name else None)
         self.evaluate = evaluate
+        self.allow_ema_restart = allow_ema_restart
         #: The :class:`hf_ema.EMAState` driven by this callback (``None`` until training starts).
         self.ema: EMAState | None = None
         self._trainer_ref: Any = None
@@ -723,8 +731,9 @@ class EMATrainerCallback(TrainerCallback):
             if c and os.path.isdir(c) and _checkpoint_step(c) in (step, None):
                 checkpoint = c
                 break
+        # has_ema also finishes a save that a killed process left complete but not renamed into place.
         if checkpoint is not None and has_ema(checkpoint, self.name):
-            self.ema.load(checkpoint)  # its own folder: ema_net, or ema_net-<name> for a named EMA
+            self.ema.load(checkpoint)  # its own folder (ema_net / ema_net-<name>): state from the file, settings from here
             logger.info(
                 "EMA%s restored from %s (EMA step %d)",
                 self._label(),
@@ -732,12 +741,31 @@ class EMATrainerCallback(TrainerCallback):
                 self.ema.step,
             )
             return
-        where = repr(checkpoint) if checkpoint else f"any of {[c for c in candidates if c]}"
+        # Without a usable ema_net the EMA of the first `step` steps is gone: never continue quietly.
+        dirname = ema_dirname(self.name)
+        ema_dir = os.path.join(checkpoint, dirname) if checkpoint else None
+        if checkpoint is None:
+            problem = f"its folder was not found (looked for {[c for c in candidates if c]})"
+        elif os.path.isdir(ema_dir):
+            lacking = [f for f in (WEIGHTS_NAME, STATE_NAME) if not os.path.isfile(os.path.join(ema_dir, f))]
+            problem = f"its `{dirname}` folder is incomplete (it lacks {', '.join(lacking)})"
+        else:
+            problem = f"it has no `{dirname}` folder"
+        where = repr(checkpoint) if checkpoint else "the checkpoint"
+        if not self.allow_ema_restart:
+            raise EMAFileError(
+                f"Resuming from {where} at step {step}, but its EMA cannot be restored: {problem}. Most likely the "
+                "process was killed while saving that checkpoint (the Trainer writes its own files first, then the "
+                "EMA), or the run that wrote it kept no EMA. To keep the exact EMA, delete that checkpoint and resume "
+                "from the previous one; to restart the EMA from this checkpoint's weights instead, pass "
+                "allow_ema_restart=True to EMATrainerCallback (--ema_allow_restart)."
+            )
         logger.warning(
-            "Resuming at step %d but no `%s` folder was found in %s: the EMA starts from the loaded weights.",
-            step,
-            ema_dirname(self.name),
+            "Resuming from %s at step %d without its EMA (%s): allow_ema_restart=True, so the EMA restarts from the "
+            "loaded weights.",
             where,
+            step,
+            problem,
         )
         # Keep the schedule aligned with the optimizer steps already taken.
         self.ema.skip_to(step)

@@ -14,12 +14,25 @@ A named EMA (``EMAState(..., name="slow")``, several EMAs of one model) has the 
 
 The folder is first written next to its final place under a temporary name, then renamed into place, so a crash
 mid-save leaves either the previous ``ema_net`` or the new one, never a half-written folder that loads.
+
+Crash recovery. ``ema_state.json`` is written last, after the weights and the config are on disk: a temporary
+folder that holds it is a complete save (its commit record). A process killed after that point, but before the
+rename that publishes the folder, leaves ``ema_net`` missing and that complete folder beside it;
+:func:`find_ema_dir` (and so every loader, ``has_ema`` and the Trainer callback's resume) finishes such a save by
+renaming the folder into place. Rolling forward, rather than back to the ``ema_net`` the save was replacing, is
+deliberate: the new folder is what the interrupted save was publishing (in a Trainer checkpoint it is the EMA of
+that checkpoint's own weights; a folder being replaced there can only be a stale one of an earlier run), and it is
+the same rename the writer itself does, so a reader that finishes a save racing with its writer changes nothing.
+A kill before the commit record leaves no usable ``ema_net`` at all: loaders then say so (the callback refuses to
+resume quietly without it, see ``allow_ema_restart``), never load a half-written folder.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,12 +51,14 @@ __all__ = [
     "EMAFileError",
     "EMANetReader",
     "atomic_write_text",
+    "check_ema_meta",
     "ema_dirname",
     "find_ema_dir",
     "load_ema_meta",
     "load_ema_net",
     "open_ema_net",
     "save_ema_net",
+    "summarize_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,8 +132,40 @@ def _ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     return path / ema_dirname(name)
 
 
+def _tmp_prefix(dirname: str) -> str:
+    """Prefix of a save being written into ``dirname`` (complete once it holds ``ema_state.json``)."""
+    return f".{dirname}.tmp-"
+
+
+def _old_prefix(dirname: str) -> str:
+    """Prefix of the ``dirname`` folder a save is replacing, moved aside for the two renames."""
+    return f".{dirname}.old-"
+
+
+def _leftovers(parent: Path, prefix: str) -> list[Path]:
+    """Folders ``<prefix><8 characters>`` in ``parent``: exactly 8, so that EMAs whose names start alike (``a`` and
+    ``a.old-x``) never take each other's leftovers."""
+    return list(parent.glob(f"{glob.escape(prefix)}{_TMP_SUFFIX_GLOB}"))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (files created or renamed in it) durable; a no-op where folders cannot
+    be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it into place.
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it into place; the file
+    and the rename are flushed to disk before it returns.
 
     Example:
         >>> import tempfile, pathlib
@@ -138,6 +185,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
 
 
 def _contiguous_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,6 +220,10 @@ def save_ema_net(
     would quietly initialise the rest at random) and not when ``files`` hold an ``adapter_config.json`` (a PEFT
     model: its names are ``base_model.model.…``, which the base class does not read; the adapter files are what
     loads). Without it, ``from_pretrained(ema_net)`` fails loudly instead.
+
+    Order of the writes (what a crash at each point leaves is in the module docstring): the weights and the config
+    into a temporary folder beside ``ema_net``, flushed to disk; then ``ema_state.json`` (the commit record);
+    then the rename into place (a previous ``ema_net`` is moved aside first and deleted after).
 
     Args:
         directory: The checkpoint folder (created if missing); the EMA goes to its ``ema_net`` sub-folder.
@@ -211,13 +263,11 @@ def save_ema_net(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / dirname
-    tmp = directory / f".{dirname}.tmp-{uuid.uuid4().hex[:8]}"
-    old = directory / f".{dirname}.old-{uuid.uuid4().hex[:8]}"
+    tmp = directory / f"{_tmp_prefix(dirname)}{uuid.uuid4().hex[:8]}"
+    old = directory / f"{_old_prefix(dirname)}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(_contiguous_cpu(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        text = json.dumps(dict(meta), indent=2, sort_keys=True)
-        atomic_write_text(tmp / STATE_NAME, text)
         if complete and config is not None and hasattr(config, "to_json_string"):
             atomic_write_text(tmp / CONFIG_NAME, config.to_json_string())
         for rel, content in files.items():
@@ -226,19 +276,118 @@ def save_ema_net(
                 atomic_write_text(tmp / rel, content)
             else:
                 save_file(_contiguous_cpu(content), str(tmp / rel), metadata={"format": "pt"})
-        for f in tmp.rglob("*"):  # data on disk before the folder becomes visible under its real name
+        for f in tmp.rglob("*"):  # data on disk before the commit record below says the folder is complete
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        # Written last: a temporary folder holding ema_state.json is a complete save, which find_ema_dir finishes
+        # (renames into place) if this process dies before the renames below.
+        text = json.dumps(dict(meta), indent=2, sort_keys=True)
+        atomic_write_text(tmp / STATE_NAME, text)
         if final.exists():
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:
+            # A reader finished this save first (find_ema_dir renames a complete temporary folder into place):
+            # nothing is lost when `ema_net` holds exactly what this save wrote.
+            if not _holds_state(final, text):
+                raise
+        _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
             os.replace(old, final)
         raise
-    for stale in [old, *directory.glob(f".{dirname}.old-{_TMP_SUFFIX_GLOB}")]:  # incl. interrupted saves
+    # Also the leftovers of earlier interrupted saves into this folder (a save is never concurrent with another
+    # into the same folder: only the main process writes).
+    for stale in [old, *_leftovers(directory, _old_prefix(dirname)), *_leftovers(directory, _tmp_prefix(dirname))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _holds_state(folder: Path, text: str) -> bool:
+    try:
+        return (folder / STATE_NAME).read_text(encoding="utf-8") == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _has_files(folder: Path) -> bool:
+    return (folder / WEIGHTS_NAME).is_file() and (folder / STATE_NAME).is_file()
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole safetensors file: its header parses and the file is exactly as long as the
+    header says (8-byte little-endian header length, JSON header, then the tensors' data)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return False
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return size == 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
+def _complete_save(folder: Path) -> bool:
+    """Whether a temporary folder of :func:`save_ema_net` holds a finished save: its commit record
+    (``ema_state.json``, valid JSON) and whole weights."""
+    if not _has_files(folder):
+        return False
+    try:
+        json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return _safetensors_complete(folder / WEIGHTS_NAME)
+
+
+def _finish_interrupted_save(final: Path) -> Path | None:
+    """``final`` (an ``ema_net`` path that does not exist) after finishing the save that a crash interrupted
+    there, or ``None`` when no complete EMA was left beside it. See the module docstring for the rule."""
+    parent = final.parent
+    dirname = final.name
+
+    def newest(folders: list[Path]) -> Path:
+        return max(folders, key=lambda f: ((f / STATE_NAME).stat().st_mtime, f.name))
+
+    try:
+        done = [t for t in _leftovers(parent, _tmp_prefix(dirname)) if _complete_save(t)]
+        moved_aside = [o for o in _leftovers(parent, _old_prefix(dirname)) if _has_files(o)]
+        if done:  # the save had written everything: publish it, as it was about to
+            source, what = newest(done), "the complete EMA that the interrupted save had written"
+        elif moved_aside:  # only a save that failed and was rolling back leaves this alone
+            source, what = newest(moved_aside), "the previous EMA, which the interrupted save had moved aside"
+        else:
+            return None
+    except OSError:  # pragma: no cover - a folder vanished while listing (another process repairing)
+        return final if _has_files(final) else None
+    try:
+        os.rename(source, final)
+    except OSError as e:
+        if _has_files(final):  # another process finished it first
+            return final
+        logger.warning(
+            "%s is missing after an interrupted save and %s cannot be renamed to it (%s): reading it where it is",
+            final,
+            source,
+            e,
+        )
+        return source
+    _fsync_dir(parent)
+    logger.warning(
+        "Finished an interrupted save of the EMA: %s was missing; %s renamed to it (%s).",
+        final,
+        source.name,
+        what,
+    )
+    for stale in _leftovers(parent, _old_prefix(dirname)):
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -247,9 +396,12 @@ def find_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path | Non
     """The complete EMA folder for ``path``, or ``None`` when there is none.
 
     ``path`` is a checkpoint folder holding ``ema_net/`` (``ema_net-<name>/`` when ``name`` is given) or the EMA
-    folder itself. A crash between the two
-    renames of :func:`save_ema_net` leaves the previous, complete folder under a ``.ema_net.old-*`` name and no
-    ``ema_net``: that folder is returned then (the newest one), with a warning, rather than losing the EMA.
+    folder itself. When ``ema_net`` is
+    missing because a process died inside :func:`save_ema_net` after its data was complete (killed between the
+    commit record and the rename, or between the two renames of an overwrite), the save is finished here, on disk:
+    the complete folder it left is renamed to ``ema_net`` (with a warning), so that
+    ``from_pretrained(<dir>/ema_net)`` works again. Where the folder cannot be renamed (read-only storage) it is
+    returned where it is. A save killed before its data was complete leaves nothing usable: ``None``.
 
     Example:
         >>> import tempfile
@@ -261,21 +413,10 @@ def find_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path | Non
     """
     d = _ema_dir(path, name)
     if d.is_dir():
-        return d if (d / WEIGHTS_NAME).is_file() and (d / STATE_NAME).is_file() else None
-    if not _is_ema_dirname(d.name):
+        return d if _has_files(d) else None
+    if not _is_ema_dirname(d.name) or not d.parent.is_dir():
         return None
-    olds = [
-        o
-        for o in d.parent.glob(f".{d.name}.old-{_TMP_SUFFIX_GLOB}")
-        if (o / WEIGHTS_NAME).is_file() and (o / STATE_NAME).is_file()
-    ]
-    if not olds:
-        return None
-    old = max(olds, key=lambda o: o.stat().st_mtime)
-    logger.warning(
-        "No %s at %r: using the previous EMA left by an interrupted save, %r", d.name, str(d), str(old)
-    )
-    return old
+    return _finish_interrupted_save(d)
 
 
 def _checked_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
@@ -289,6 +430,77 @@ def _checked_ema_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {missing[0]!r} is missing")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_float_dtype_name(v: Any) -> bool:
+    dtype = getattr(torch, v, None) if isinstance(v, str) else None
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+#: The fields of an EMA state that hf_ema reads back: (check, what is expected).
+_META_FIELDS: dict[str, tuple[Any, str]] = {
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_updates": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "update_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "total_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "decay": (lambda v: _is_real(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "last_decay": (lambda v: v is None or (_is_real(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
+    "decay_type": (lambda v: isinstance(v, str) and bool(v), "a schedule name"),
+    "schedule_kwargs": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+        "an object of schedule arguments",
+    ),
+    "dtype": (
+        lambda v: v is None or _is_float_dtype_name(v),
+        "null or a floating dtype name such as 'float32'",
+    ),
+    "buffers": (lambda v: v in ("average", "copy", "ignore"), "'average', 'copy' or 'ignore'"),
+    "trainable_only": (lambda v: isinstance(v, bool), "true or false"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of tensor names"),
+}
+
+
+def check_ema_meta(meta: Any, source: str) -> None:
+    """Check the EMA state that hf_ema reads back (``ema_state.json``, or the ``meta`` of a state dict).
+
+    Each known field that is present must have the type and range that :class:`hf_ema.EMAState` writes, so a file
+    edited by hand (``"update_every": 0``, ``"step": -3``, ``"step": "3"``) is refused as a whole rather than half
+    used; fields it does not know are ignored.
+
+    Args:
+        meta: The decoded JSON.
+        source: Where it comes from, for the message (e.g. the file's path).
+
+    Raises:
+        ValueError: Naming ``source`` and every field that is wrong, with its value.
+
+    Example:
+        >>> check_ema_meta({"step": 3, "update_every": 2}, "'x.json'")
+        >>> check_ema_meta({"step": -3}, "'x.json'")
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid EMA state in 'x.json': 'step' must be an integer >= 0, got -3
+    """
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"Invalid EMA state in {source}: expected a JSON object, got {type(meta).__name__}")
+    problems = [
+        f"{key!r} must be {want}, got {meta[key]!r}"
+        for key, (ok, want) in _META_FIELDS.items()
+        if key in meta and not ok(meta[key])
+    ]
+    step, num_updates = meta.get("step"), meta.get("num_updates")
+    if not problems and _is_int(step) and _is_int(num_updates) and num_updates > step:
+        problems.append(f"'num_updates' ({num_updates}) cannot exceed 'step' ({step})")
+    if problems:
+        raise ValueError(f"Invalid EMA state in {source}: " + "; ".join(problems))
+
+
 def _read_meta(d: Path) -> dict:
     state = d / STATE_NAME
     try:
@@ -297,6 +509,10 @@ def _read_meta(d: Path) -> dict:
         raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: not valid JSON ({e})") from e
     if not isinstance(meta, dict):
         raise EMAFileError(f"Corrupt EMA state file {str(state)!r}: expected a JSON object")
+    try:
+        check_ema_meta(meta, repr(str(state)))
+    except ValueError as e:
+        raise EMAFileError(str(e)) from e
     return meta
 
 

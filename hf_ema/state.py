@@ -38,8 +38,21 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .io import EMAFileError, ema_dirname, load_ema_meta, open_ema_net, save_ema_net
-from .schedules import IDecayFunction, build_schedule, make_schedule, supergradients_kwargs
+from .io import (
+    STATE_NAME,
+    EMAFileError,
+    check_ema_meta,
+    ema_dirname,
+    open_ema_net,
+    save_ema_net,
+    summarize_names,
+)
+from .schedules import (
+    EMA_DECAY_FUNCTIONS,
+    IDecayFunction,
+    make_schedule,
+    supergradients_kwargs,
+)
 
 __all__ = ["EMAState"]
 
@@ -1230,6 +1243,9 @@ class EMAState:
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` output (tensors shaped like this process's EMA tensors).
 
+        The state (tensors, step, number of averages, last decay) comes from ``state_dict``; the settings (decay,
+        schedule, update_every, ...) stay this EMAState's, with one warning listing those that differ.
+
         Raises:
             ValueError: If names or shapes differ from the tracked ones (the message lists them), or the state is
                 malformed.
@@ -1250,63 +1266,78 @@ class EMAState:
                 want = tuple(dist_utils.full_shape(e.source)) if full else tuple(e.ema.shape)
                 got = tuple(shapes[e.name])
                 if want != got:
-                    wrong.append(f"{e.name}: saved {got} vs model {want}")
+                    wrong.append((e.name, got, want))
         if missing or unexpected or wrong:
             parts = []
             if missing:
-                parts.append(f"missing from the saved EMA ({len(missing)}): {missing}")
+                parts.append(f"missing from the saved EMA: {summarize_names(missing)}")
             if unexpected:
-                parts.append(f"not in the model ({len(unexpected)}): {unexpected}")
+                parts.append(f"not in the model: {summarize_names(unexpected)}")
             if wrong:
-                parts.append(f"shape mismatch ({len(wrong)}): {wrong}")
+                name, got, want = wrong[0]
+                parts.append(
+                    f"other shapes: {summarize_names(w[0] for w in wrong)} "
+                    f"(e.g. {name!r}: saved {got} vs model {want})"
+                )
             raise ValueError("The saved EMA does not match the model: " + "; ".join(parts))
 
-    def _load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], strict: bool) -> None:
+    def _load(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+        strict: bool,
+        source: str = "the state dict's 'meta'",
+    ) -> None:
         """Check this process's EMA tensors and the settings completely, then apply them."""
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
         self.wait()
         self._check_names_shapes({k: tuple(v.shape) for k, v in tensors.items()}, full=False, strict=strict)
-        self._load_meta(meta)
+        self._load_meta(meta, source)
         for e in self._entries:
             if e.name in tensors:
                 e.ema.copy_(tensors[e.name])
 
-    def _load_meta(self, meta: Mapping[str, Any]) -> None:
-        """Validate the saved settings completely, then apply them (a refused load changes nothing)."""
-        try:
-            step = int(meta["step"])
-            update_every = _check_update_every(int(meta.get("update_every") or self.update_every))
-            num_updates = int(meta.get("num_updates", step // update_every))
-            total_steps = _check_total_steps(meta.get("total_steps"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"Malformed EMA meta (needs an integer 'step' and valid options): {e}") from e
-        saved_kwargs = meta.get("schedule_kwargs") or {}
-        decay = _check_decay(meta["decay"]) if meta.get("decay") is not None else self.decay
-        batch = self._read_batch_meta(meta, step, decay, update_every)
-        decay_type = meta.get("decay_type", self.decay_type)
-        mine = (self.decay, self.decay_type, self.update_every, _jsonable(self.schedule.config()))
-        saved = (decay, decay_type, update_every, saved_kwargs)
-        schedule = (self.decay_type, self.schedule)
-        if (saved[1], saved[3]) != (mine[1], mine[3]):
-            try:
-                schedule = build_schedule(decay_type, **saved_kwargs)
-            except ValueError:
-                logger.warning(
-                    "Saved decay_type %r is not registered; keeping %r.", decay_type, self.decay_type
-                )
-        if saved != mine:
+    def _load_meta(self, meta: Mapping[str, Any], source: str = "the state dict's 'meta'") -> None:
+        """Take the saved *state* and keep this EMAState's *settings* (a refused load changes nothing).
+
+        The rule, for every load into an existing EMAState (``ema.load(dir)``, ``load_state_dict``, Accelerate's
+        ``load_state``, the Trainer callback's resume): the object the user built decides the settings (decay,
+        schedule and its arguments, update_every, dtype, buffers, and total_steps when it has one); the saved
+        state gives the EMA tensors, ``step``, ``num_updates`` and the last decay, so the schedule continues at
+        the saved step. Settings that differ from the saved ones are listed in one warning (a schedule name that
+        is not registered here is only listed: it is not used). ``EMAState.load(dir, model)`` builds an
+        EMAState from the saved settings instead.
+        """
+        check_ema_meta(meta, source)
+        if "step" not in meta:
+            raise ValueError(f"Invalid EMA state in {source}: 'step' is missing")
+        step = int(meta["step"])
+        num_updates = int(meta.get("num_updates", step // int(meta.get("update_every", self.update_every))))
+        total_steps = self.total_steps if self.total_steps is not None else meta.get("total_steps")
+        current = {
+            "decay": self.decay,
+            "decay_type": self.decay_type,
+            "schedule_kwargs": _jsonable(self.schedule.config()),
+            "update_every": self.update_every,
+            "total_steps": total_steps,
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
+            "buffers": self.buffers,
+            "reference_batch_size": self.reference_batch_size,
+            "time_unit": self.time_unit,
+        }
+        batch = self._read_batch_meta(meta, step, self.decay, self.update_every)
+        differ = [f"{k} {meta[k]!r} -> {v!r}" for k, v in current.items() if k in meta and meta[k] != v]
+        if differ:
             logger.warning(
-                "Loaded EMA state was saved with decay=%s, decay_type=%s, update_every=%s, schedule %s; continuing "
-                "with the saved settings instead of decay=%s, decay_type=%s, update_every=%s, schedule %s.",
-                *saved,
-                *mine,
+                "The EMA settings differ from those saved in %s (saved -> current): %s. Continuing from the saved "
+                "state (step %d) with the current settings; EMAState.load(dir, model) would use the saved ones.",
+                source,
+                ", ".join(differ),
+                step,
             )
         self.step, self.num_updates, self.last_decay = step, num_updates, meta.get("last_decay")
-        self.decay, self.update_every = decay, update_every
-        self.decay_type, self.schedule = schedule
-        if self.total_steps is None and total_steps is not None:
-            self.total_steps = total_steps
+        self.total_steps = total_steps
         self.reference_batch_size, self.time_unit, self._batch_size, self.samples_seen = batch
 
     def _read_batch_meta(
@@ -1314,20 +1345,19 @@ class EMAState:
     ) -> tuple[int | None, str, int | None, int | None]:
         """Check the saved batch settings against this run's (nothing is changed here); log the rescaling.
 
-        Returns ``(reference_batch_size, time_unit, batch_size, samples_seen)`` to continue with: the saved
-        reference batch and time unit (files without them: this EMA's), this run's batch size (unknown: the saved
-        one), and the saved sample count (files without it: ``step`` x the saved or current batch size).
+        Returns ``(reference_batch_size, time_unit, batch_size, samples_seen)`` to continue with: this EMA's
+        reference batch and time unit (the saved ones are checked, and listed by :meth:`_load_meta` when they
+        differ), this run's batch size (unknown: the saved one), and the saved sample count (files without it: ``step`` x the saved or current batch size).
 
         Raises:
             ValueError: If the settings are malformed, or ``strict_batch_size`` and the batch size differs.
         """
         try:
             saved_b = _check_batch_size("batch_size", meta.get("batch_size"))
+            if "reference_batch_size" in meta:  # checked, not used: this EMA's own settings win (see _load_meta)
+                saved_ref = _check_batch_size("reference_batch_size", meta["reference_batch_size"])
+                _check_time_unit(meta.get("time_unit") or "steps", saved_ref)
             ref, unit = self.reference_batch_size, self.time_unit
-            if "reference_batch_size" in meta:
-                ref = _check_batch_size("reference_batch_size", meta["reference_batch_size"])
-                unit = meta.get("time_unit") or "steps"
-            unit = _check_time_unit(unit, ref)
             samples = meta.get("samples_seen")
             if samples is not None and (
                 isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 0
@@ -1341,15 +1371,6 @@ class EMAState:
                 f"strict_batch_size=True: the EMA was saved with effective batch size {saved_b} and this run has "
                 f"{now} (samples per optimizer step); use the same batch size, or strict_batch_size=False to "
                 "rescale the decay"
-            )
-        if (ref, unit) != (self.reference_batch_size, self.time_unit):
-            logger.warning(
-                "Loaded EMA state was saved with reference_batch_size=%s, time_unit=%s; continuing with the saved "
-                "settings instead of reference_batch_size=%s, time_unit=%s.",
-                ref,
-                unit,
-                self.reference_batch_size,
-                self.time_unit,
             )
         if samples is None and (saved_b or now) is not None:
             samples = step * (saved_b or now)
@@ -1446,6 +1467,7 @@ class EMAState:
         return path
 
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
+        """Restore the saved state into this EMAState, keeping its settings (see :meth:`_load_meta`)."""
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
         self._check_bindings()  # the file is read by the layout of the model's tensors as they are now
@@ -1464,16 +1486,18 @@ class EMAState:
                     )
                     for e in self._entries
                 }
-                self._load(local, reader.meta, strict=True)
+                self._load(local, reader.meta, strict=True, source=repr(str(reader.path / STATE_NAME)))
             except EMAFileError:
                 raise
             except ValueError as e:
-                raise EMAFileError(f"Cannot load the EMA from {str(directory)!r}: {e}") from e
+                raise EMAFileError(f"Cannot load the EMA from {str(reader.path)!r}: {e}") from e
         return self
 
     @classmethod
     def _from_dir(cls, directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-        meta = load_ema_meta(directory, overrides.get("name"))
+        """An EMAState built with the saved settings, each overridable by keyword, then loaded."""
+        with open_ema_net(directory, overrides.get("name")) as reader:  # the JSON is checked here (the error names the file)
+            meta, state_file = reader.meta, str(reader.path / STATE_NAME)
         kwargs: dict[str, Any] = {
             "name": meta.get("name"),
             "decay": meta.get("decay", 0.9999),
@@ -1484,14 +1508,27 @@ class EMAState:
             "buffers": meta.get("buffers", "average"),
             "trainable_only": meta.get("trainable_only", False),
         }
-        if "decay_type" not in overrides:  # the saved schedule's arguments belong to the saved schedule only
+        if "decay_type" not in overrides:  # the saved arguments belong to the saved schedule
             kwargs.update(meta.get("schedule_kwargs", {}))
         kwargs["reference_batch_size"] = meta.get("reference_batch_size")
         kwargs["time_unit"] = meta.get("time_unit") or "steps"
         if "batch_size" not in overrides and "accelerator" not in overrides:  # else: this run's batch size
             kwargs["batch_size"] = meta.get("batch_size")
         kwargs.update(overrides)
-        return cls(model, **kwargs)._load_dir(directory)
+        try:
+            ema = cls(model, **kwargs)
+        except (ValueError, TypeError) as e:
+            hint = ""
+            if isinstance(kwargs["decay_type"], str) and kwargs["decay_type"] not in EMA_DECAY_FUNCTIONS:
+                hint = (
+                    "; register that schedule in hf_ema.EMA_DECAY_FUNCTIONS before loading, or pass decay_type=... "
+                    "to EMAState.load to continue with another one"
+                )
+            given = f" and the arguments {sorted(overrides)}" if overrides else ""
+            raise EMAFileError(
+                f"Cannot build the EMA from the settings saved in {state_file!r}{given}: {e}{hint}"
+            ) from e
+        return ema._load_dir(directory)
 
     load = None  # replaced below by a method usable on the class and on instances
 
@@ -1509,15 +1546,16 @@ class _InstanceOrClassLoad:
         if obj is None:
 
             def load(directory: str | os.PathLike, model: nn.Module, **overrides: Any) -> EMAState:
-                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (settings from its JSON;
-                ``name=...`` reads ``directory/ema_net-<name>``)."""
+                """Build an :class:`EMAState` for ``model`` from ``directory/ema_net`` (``ema_net-<name>`` with
+                ``name=...``): the settings saved in its
+                ``ema_state.json`` (each overridable by keyword, e.g. ``device="cpu"``), then its state."""
                 return objtype._from_dir(directory, model, **overrides)
 
             return load
 
         def load_into(directory: str | os.PathLike) -> EMAState:
-            """Restore this EMA from ``directory/ema_net`` (``ema_net-<name>`` for a named EMA), or from an EMA
-            folder itself."""
+            """Restore this EMA's state (tensors, step) from ``directory/ema_net`` (``ema_net-<name>`` for a
+            named EMA, or an EMA folder itself), keeping its own settings; a difference from the saved ones is logged once."""
             return obj._load_dir(directory)
 
         return load_into

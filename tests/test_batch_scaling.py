@@ -284,7 +284,8 @@ def test_resume_continues_bitwise(tmp_path, via):
     else:
         sd = ema_b.state_dict()
         meta = json.loads(json.dumps(sd["meta"]))
-        ema_c = EMAState(b, batch_size=48, reference_batch_size=7)  # the saved reference batch wins
+        # Loading into an EMAState keeps its settings (see test_resume): the same settings continue the same run.
+        ema_c = EMAState(b, batch_size=48, **kw)
         ema_c.load_state_dict({"ema": {k: v.clone() for k, v in sd["ema"].items()}, "meta": meta})
     assert (ema_c.reference_batch_size, ema_c.time_unit, ema_c.batch_size, ema_c.samples_seen) == (
         32,

