@@ -115,7 +115,6 @@ class ManyTensors(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-@torch.no_grad()
 def bert_config(hidden: int, layers: int, vocab: int, heads: int, **extra: Any) -> Any:
     """A small ``BertConfig`` built offline (no download): FFN 4x hidden, 128 positions."""
     from transformers import BertConfig
@@ -131,6 +130,7 @@ def bert_config(hidden: int, layers: int, vocab: int, heads: int, **extra: Any) 
     )
 
 
+@torch.no_grad()  # in-place moves of leaf parameters that require grad
 def perturb_(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
     """Move every parameter by seeded noise (the model "trains"; the EMA lags behind)."""
     g = torch.Generator().manual_seed(seed)
