@@ -99,6 +99,7 @@ def run_fsdp(hidden: int, layers: int, timeout: int = 240) -> list[dict] | str:
         ]
         env = {
             **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",  # a CPU gloo group, also on a GPU machine (FSDP2 would pick the GPU)
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         }
@@ -108,7 +109,10 @@ def run_fsdp(hidden: int, layers: int, timeout: int = 240) -> list[dict] | str:
             return f"FSDP2 run timed out after {timeout} s"
         files = sorted(Path(tmp).glob("rank*.json"))
         if proc.returncode != 0 or len(files) != 2:
-            return f"FSDP2 run failed (rc {proc.returncode}): {proc.stderr[-400:]}"
+            # the first worker traceback, not torchrun's summary that follows it
+            err = proc.stderr
+            start = err.find("Traceback")
+            return f"FSDP2 run failed (rc {proc.returncode}): {err[start : start + 1500] if start >= 0 else err[-1500:]}"
         return [json.loads(f.read_text()) for f in files]
 
 
