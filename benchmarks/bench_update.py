@@ -76,8 +76,10 @@ def _floor(model: nn.Module, decay: float, ema_dtype: torch.dtype) -> Candidate:
 def _timm(model: nn.Module, decay: float, ema_dtype: torch.dtype) -> Candidate:
     ModelEmaV3 = timm_model_ema().ModelEmaV3  # without importing timm/__init__ (see _common)
     mixed = ema_dtype != next(model.parameters()).dtype
-    # use_warmup=False and step=None -> the plain constant decay on every call.
-    m = ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True, dtype=ema_dtype if mixed else None)
+    # use_warmup=False and step=None -> the plain constant decay on every call. `dtype=` only where the EMA's
+    # precision differs from the model's: timm 1.0.29 and older have no such argument (a TypeError, reported).
+    extra = {"dtype": ema_dtype} if mixed else {}
+    m = ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True, **extra)
     return Candidate(TIMM, lambda: m.update(model), lambda: list(m.module.parameters()))
 
 
