@@ -40,7 +40,8 @@ NUMBER = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=path)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +79,22 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def check_peers(section: str, n_tables: int, expect_ok: bool) -> None:
+def check_peers(section: str, n_tables: int) -> None:
+    """Each peer has one row per table: timed with the averaging check passed, or a reason it did not run.
+
+    An installed peer must not be reported as missing (its import path works); it may still be reported with
+    an error of its own (e.g. timm 1.0.29's ModelEmaV3 has no ``dtype=`` for the bf16 workload), which is a
+    row of the table, not a failure of the script.
+    """
     for label, module, skipped_label in PEERS:
+        got = rows(section, label) + rows(section, skipped_label)
+        assert len(got) == n_tables, (label, section)
         if installed(module):
-            got = rows(section, label)
-            assert len(got) == n_tables, (label, section)
-            if expect_ok:
-                assert all(r[-1].endswith(D_OK) for r in got), got
+            for r in got:
+                assert "not installed" not in r[-1], r
+                assert r[0] == skipped_label or r[-1].endswith(D_OK) or "update failed" in r[-1], r
         else:
-            got = rows(section, skipped_label)
-            assert len(got) == n_tables and all("skipped: not installed" in r[-1] for r in got), got
+            assert all("skipped: not installed" in r[-1] for r in got), got
 
 
 @pytest.mark.parametrize(
@@ -105,7 +112,7 @@ def test_bench_update_quick(results, title):
     assert all(NUMBER.match(r[1]) and r[-1] == D_OK for r in ours), ours
     assert len(rows(sec, "torch._foreach_copy_ (floor)")) == 2
     assert len(rows(sec, "torch AveragedModel+get_ema_multi_avg_fn")) == 2
-    check_peers(sec, 2, expect_ok=True)
+    check_peers(sec, 2)
     assert rows(sec, "fp32 update <= 1.10x copy"), sec
 
 
@@ -114,8 +121,9 @@ def test_bench_overhead_quick(results):
     (ours,) = rows(sec, "hf_ema EMAState")
     assert NUMBER.match(ours[1]) and ours[-1] == "0.999000", ours
     for label, module, skipped_label in PEERS:
-        got = rows(sec, label) if installed(module) else rows(sec, skipped_label)
-        assert len(got) == 1 and (got[0][-1] == "0.999000" or "skipped: not installed" in got[0][-1]), got
+        got = rows(sec, label) + rows(sec, skipped_label)
+        assert len(got) == 1, (label, sec)
+        assert ("not installed" in got[0][-1]) is not installed(module), got
     assert rows(sec, "host overhead <= 0.4 ms / update (200 tensors)"), sec
 
 
@@ -149,7 +157,7 @@ def test_bench_cuda_quick(results):
     sec = results["GPU"]
     ours = rows(sec, "hf_ema EMAState")
     assert len(ours) == 2 and all(r[-1] == D_OK for r in ours), ours
-    check_peers(sec, 2, expect_ok=True)
+    check_peers(sec, 2)
     for loop in ("no EMA", "EMA inline", "EMA side_stream=True"):
         assert len(rows(sec, loop)) == 1, sec
     if not torch.cuda.is_available():
