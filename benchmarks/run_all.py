@@ -193,7 +193,12 @@ def main() -> None:
     for key, _, _, _, title in benches:
         lines += [f"## {title}", "", f"`{commands[key]}`", "", results[key]["markdown"], ""]
     if "cuda" not in results:
-        lines += ["## GPU", "", "Not run: `torch.cuda.is_available()` is False on this machine.", ""]
+        lines += [
+            "## GPU",
+            "",
+            "Not run: `torch.cuda.is_available()` is False on this machine (a GPU run: `RESULTS_GPU.md`).",
+            "",
+        ]
     lines += [
         "## Wall time per script",
         "",
