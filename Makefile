@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY = $(VENV)/bin/python
 PIP = $(VPY) -m pip install -q -c constraints.txt
 
-.PHONY: venv install-test install-examples test example example-accelerate lint bench
+.PHONY: venv install-test install-examples install-bench test example example-accelerate lint bench bench-quick
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -37,9 +37,21 @@ example-accelerate: install-examples
 	CUDA_VISIBLE_DEVICES="" HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
 		examples/train_accelerate.py --ema
 
-# The peers (timm pulls torchvision, whose PyPI wheels need the matching PyPI torch) get their own environment.
-bench:
+# The benchmarks time hf_ema next to timm, diffusers, ema-pytorch and torch_ema, in their own environment with the
+# same CPU torch (constraints.txt). timm requires torchvision, whose PyPI wheels are built for the matching PyPI
+# (CUDA) torch; its EMA classes need neither, so timm comes without its dependencies (its light ones are in the
+# `bench` extra) and benchmarks/_common.py loads timm/utils/model_ema.py without importing the timm package.
+# `make bench-quick`: every script with --quick in the same environment (seconds per script; a smoke test).
+BENCH_VPY = .venv-bench/bin/python
+
+install-bench:
 	$(MAKE) VENV=.venv-bench venv
-	.venv-bench/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	.venv-bench/bin/python -m pip install -q -e ".[bench,examples]"
-	.venv-bench/bin/python benchmarks/run_all.py
+	$(BENCH_VPY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(BENCH_VPY) -m pip install -q -c constraints.txt -e ".[bench,examples]"
+	$(BENCH_VPY) -m pip install -q -c constraints.txt --no-deps "timm>=1.0"
+
+bench: install-bench
+	HF_HUB_OFFLINE=1 $(BENCH_VPY) benchmarks/run_all.py
+
+bench-quick: install-bench
+	HF_HUB_OFFLINE=1 $(BENCH_VPY) benchmarks/run_all.py --quick

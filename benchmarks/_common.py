@@ -8,6 +8,8 @@ On a shared, noisy machine the ratios between candidates are what stay comparabl
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -16,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -115,7 +118,6 @@ class ManyTensors(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-@torch.no_grad()
 def bert_config(hidden: int, layers: int, vocab: int, heads: int, **extra: Any) -> Any:
     """A small ``BertConfig`` built offline (no download): FFN 4x hidden, 128 positions."""
     from transformers import BertConfig
@@ -131,6 +133,7 @@ def bert_config(hidden: int, layers: int, vocab: int, heads: int, **extra: Any) 
     )
 
 
+@torch.no_grad()  # in-place moves of leaf parameters that require grad
 def perturb_(model: nn.Module, scale: float = 1.0, seed: int = 1) -> None:
     """Move every parameter by seeded noise (the model "trains"; the EMA lags behind)."""
     g = torch.Generator().manual_seed(seed)
@@ -148,6 +151,46 @@ def distance(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> fl
     return total**0.5
 
 
+# ----------------------------------------------------------------------------- peers
+_TIMM_EMA_MODULE = "_hf_ema_bench_timm_model_ema"
+
+
+def timm_model_ema() -> ModuleType:
+    """timm's ``timm/utils/model_ema.py`` (``ModelEmaV3`` ...), loaded WITHOUT importing the ``timm`` package.
+
+    ``import timm.utils.model_ema`` first runs ``timm/__init__.py``, which imports ``timm.layers`` and
+    ``timm.models`` and through them torchvision: a hard requirement of timm whose PyPI wheels are built for the
+    matching PyPI torch (a multi-GB CUDA build), so on a CPU-only torch it is either a huge download or a broken
+    import. The EMA classes do not need any of it: ``model_ema.py`` imports only the standard library and torch.
+    So ``make bench`` installs timm with ``pip install --no-deps timm`` (plus pyyaml and huggingface_hub), and this
+    function finds the installed package with ``importlib.util.find_spec("timm")`` (which locates a top-level
+    package without executing its ``__init__``) and executes that one file as a standalone module. The same path
+    is used whether or not torchvision is installed, so every run times the same code.
+
+    Raises:
+        ModuleNotFoundError: timm is not installed.
+        ImportError: timm is installed but its ``utils/model_ema.py`` is missing or no longer loads on its own
+            (e.g. it gained relative imports in a new timm release).
+    """
+    if _TIMM_EMA_MODULE in sys.modules:
+        return sys.modules[_TIMM_EMA_MODULE]
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+    path = Path(next(iter(spec.submodule_search_locations)), "utils", "model_ema.py")
+    file_spec = importlib.util.spec_from_file_location(_TIMM_EMA_MODULE, path)
+    if not path.is_file() or file_spec is None or file_spec.loader is None:
+        raise ImportError(f"timm is installed but {path} is missing", name="timm")
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[_TIMM_EMA_MODULE] = module
+    try:
+        file_spec.loader.exec_module(module)
+    except ImportError as e:
+        del sys.modules[_TIMM_EMA_MODULE]
+        raise ImportError(f"{path} does not load on its own any more: {e}", name="timm") from e
+    return module
+
+
 # ----------------------------------------------------------------------------- reporting
 def machine_info() -> dict[str, Any]:
     """CPU/GPU model, core count, load, and library versions for the results file."""
@@ -161,19 +204,12 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "accelerate", "timm", "diffusers", "ema_pytorch", "torch_ema", "peft"):
+    # Installed distributions' versions, read from their metadata: importing timm would need torchvision.
+    for dist in ("transformers", "accelerate", "timm", "diffusers", "ema-pytorch", "torch-ema", "peft"):
         try:
-            m = __import__(mod)
-            versions[mod] = getattr(m, "__version__", "?")
-        except Exception:
-            versions[mod] = "not installed"
-    try:
-        from importlib.metadata import version
-
-        versions["ema_pytorch"] = version("ema-pytorch")
-        versions["torch_ema"] = version("torch-ema")
-    except Exception:
-        pass
+            versions[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist.replace("-", "_")] = "not installed"
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -201,10 +237,20 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def emit(result: dict[str, Any], json_path: Path | None) -> None:
-    """Print the result's markdown and optionally save the whole result as JSON."""
-    print(result["markdown"])
+    """Print the result's markdown and optionally save the whole result as JSON.
+
+    If ``result["failures"]`` is not empty (hf_ema itself computed something wrong or did not run: a benchmark
+    must not quietly report a table without our row), they are printed to stderr after the table and the
+    process exits with status 1, so ``run_all.py``, ``make bench`` and the quick-mode tests fail loudly.
+    A peer that is missing or that fails is only a row in the table, never a failure.
+    """
+    print(result["markdown"], flush=True)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = json_path.with_suffix(json_path.suffix + ".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=str))
         os.replace(tmp, json_path)
+    failures = result.get("failures") or []
+    if failures:
+        print(f"{result.get('name', 'benchmark')} FAILED:", *failures, sep="\n  ", file=sys.stderr)
+        sys.exit(1)

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import ROOT, arg_parser, bert_config, emit, machine_info, md_table
+from _common import ROOT, arg_parser, bert_config, emit, machine_info, md_table, timm_model_ema
 from torch import nn
 
 MB = 1 << 20
@@ -99,6 +99,7 @@ def run_fsdp(hidden: int, layers: int, timeout: int = 240) -> list[dict] | str:
         ]
         env = {
             **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",  # a CPU gloo group, also on a GPU machine (FSDP2 would pick the GPU)
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         }
@@ -108,7 +109,10 @@ def run_fsdp(hidden: int, layers: int, timeout: int = 240) -> list[dict] | str:
             return f"FSDP2 run timed out after {timeout} s"
         files = sorted(Path(tmp).glob("rank*.json"))
         if proc.returncode != 0 or len(files) != 2:
-            return f"FSDP2 run failed (rc {proc.returncode}): {proc.stderr[-400:]}"
+            # the first worker traceback, not torchrun's summary that follows it
+            err = proc.stderr
+            start = err.find("Traceback")
+            return f"FSDP2 run failed (rc {proc.returncode}): {err[start : start + 1500] if start >= 0 else err[-1500:]}"
         return [json.loads(f.read_text()) for f in files]
 
 
@@ -141,16 +145,16 @@ def run(hidden: int, layers: int) -> dict:
     row("unsharded, bf16 model, dtype=None (bf16 EMA)", ema.num_bytes(), expected_bytes(bf, 2), model_bytes)
     del ema, bf
     try:
-        from timm.utils.model_ema import ModelEmaV3
-
-        t = ModelEmaV3(model, decay=0.999)
+        t = timm_model_ema().ModelEmaV3(model, decay=0.999)
         tb = sum(v.numel() * v.element_size() for v in t.module.state_dict().values())
         rows.append(
             ["(peer) timm ModelEmaV3: full deep copy", f"{tb / MB:.2f}", "-", "-", f"{tb / model_bytes:.2f}"]
         )
         del t
-    except ImportError:
-        pass
+    except ModuleNotFoundError as e:
+        rows.append(["(peer) timm ModelEmaV3", "-", "-", "-", f"skipped: not installed ({e.name})"])
+    except ImportError as e:
+        rows.append(["(peer) timm ModelEmaV3", "-", "-", "-", f"skipped: ImportError: {str(e)[:120]}"])
 
     fsdp = run_fsdp(hidden, layers)
     fsdp_note = ""
@@ -200,7 +204,19 @@ def run(hidden: int, layers: int) -> dict:
     for note in (fsdp_note, lora_note):
         if note:
             md += f"\n\nNote: {note}"
-    return {"name": "memory", "machine": machine_info(), "rows": rows, "fsdp": fsdp, "markdown": md}
+    # Our rows must match their independent expectation, and the FSDP2 run must have run (a missing peft is
+    # only a note: it is an optional dependency).
+    failures = [f"{r[0]}: num_bytes {r[1]} MiB != expected {r[2]} MiB" for r in rows if r[3] == "NO"]
+    if fsdp_note:
+        failures.append(fsdp_note)
+    return {
+        "name": "memory",
+        "machine": machine_info(),
+        "rows": rows,
+        "fsdp": fsdp,
+        "markdown": md,
+        "failures": failures,
+    }
 
 
 def main() -> None:
@@ -212,7 +228,7 @@ def main() -> None:
     if args.fsdp_worker is not None:
         fsdp_worker(args.fsdp_worker, args.hidden, args.layers)
         return
-    hidden, layers = (64, 2) if args.quick else (args.hidden, args.layers)
+    hidden, layers = (64, 2) if args.quick else (args.hidden, args.layers)  # quick: every row, tiny BERT
     emit(run(hidden, layers), args.json)
 
 

@@ -33,6 +33,7 @@ from _common import (
     md_table,
     paired_ratio,
     perturb_,
+    timm_model_ema,
 )
 from torch import nn
 
@@ -73,11 +74,12 @@ def _floor(model: nn.Module, decay: float, ema_dtype: torch.dtype) -> Candidate:
 
 
 def _timm(model: nn.Module, decay: float, ema_dtype: torch.dtype) -> Candidate:
-    from timm.utils.model_ema import ModelEmaV3
-
+    ModelEmaV3 = timm_model_ema().ModelEmaV3  # without importing timm/__init__ (see _common)
     mixed = ema_dtype != next(model.parameters()).dtype
-    # use_warmup=False and step=None -> the plain constant decay on every call.
-    m = ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True, dtype=ema_dtype if mixed else None)
+    # use_warmup=False and step=None -> the plain constant decay on every call. `dtype=` only where the EMA's
+    # precision differs from the model's: timm 1.0.29 and older have no such argument (a TypeError, reported).
+    extra = {"dtype": ema_dtype} if mixed else {}
+    m = ModelEmaV3(model, decay=decay, use_warmup=False, foreach=True, **extra)
     return Candidate(TIMM, lambda: m.update(model), lambda: list(m.module.parameters()))
 
 
@@ -148,18 +150,28 @@ def build_candidates(
                 warnings.simplefilter("ignore")
                 c = build(model, decay, ema_dtype)
             cands[c.name] = c
+        except ModuleNotFoundError as e:
+            skipped[label] = f"not installed ({e.name}); `make bench` installs the peers"
         except ImportError as e:
-            skipped[label] = f"not installed ({e.name}); `pip install hf-ema[bench]`"
+            skipped[label] = f"ImportError: {str(e)[:160]}"
         except Exception as e:
             skipped[label] = f"{type(e).__name__}: {str(e)[:120]}"
     return cands, skipped
 
 
+def own_failures(cands: dict[str, Candidate], skipped: dict[str, str]) -> list[str]:
+    """What went wrong with hf_ema's own candidate or the copy floor (a peer's trouble is only a table note)."""
+    out = [f"{n}: {'; '.join(cands[n].notes)}" for n in (FLOOR, OURS) if n in cands and cands[n].notes]
+    out += [f"{label} was not built: {why}" for label, why in skipped.items() if label in ("floor", "ours")]
+    return out
+
+
 def check_updates(model: nn.Module, cands: dict[str, Candidate], decay: float) -> dict[str, float]:
     """Move the model, then check each candidate's update shrinks ``||ema - p||`` by ``decay``; drop failures.
 
-    Returns ``{name: measured ratio}``. A candidate whose ratio is off by more than 1e-4 (relative) or that
-    raises is removed from ``cands`` (it would not be computing the same EMA).
+    Returns ``{name: measured ratio}``. A candidate whose ``1 - ratio`` is more than 0.1% away from ``1 - decay``
+    (the share of the step it takes; measured within ~1e-7 relative in fp32, ~1e-5 for ema-pytorch's fp32 beta),
+    or that raises, gets a note and is not timed (it would not be computing the same EMA).
     """
     perturb_(model)
     params = [p.detach() for p in model.parameters()]
@@ -178,7 +190,7 @@ def check_updates(model: nn.Module, cands: dict[str, Candidate], decay: float) -
             ratios[name] = float("nan")
             continue
         ratios[name] = ratio
-        if abs(ratio / decay - 1.0) > 1e-4:
+        if abs((1.0 - ratio) / (1.0 - decay) - 1.0) > 1e-3:
             c.notes.append(f"does NOT average with decay {decay}: distance ratio {ratio:.6f}")
     return ratios
 
@@ -218,6 +230,7 @@ def run_workload(
         )
     for label_, why in skipped.items():
         rows.append([label_, "-", "-", "-", f"skipped: {why}"])
+    failures = [f"{label}: {f}" for f in own_failures(cands, skipped)]
     n = model.numel()
     del cands, model, timed
     gc.collect()
@@ -235,6 +248,7 @@ def run_workload(
         "ratios": ratios,
         "skipped": skipped,
         "rows": rows,
+        "failures": failures,
     }
 
 
@@ -257,8 +271,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     total, n_t, rounds = args.params, args.tensors, args.rounds
-    if args.quick:
-        total, n_t, rounds = 200_000, 20, 3
+    if args.quick:  # every candidate and both workloads, tiny: a smoke test of the script, not a measurement
+        total, n_t, rounds = 200_000, 20, 2
     results = []
     md = []
     workloads = [("fp32 params, fp32 EMA", torch.float32), ("bf16 params, fp32 EMA", torch.bfloat16)]
@@ -292,6 +306,7 @@ def main() -> None:
             "workloads": results,
             "targets": targets,
             "markdown": "\n\n".join(md),
+            "failures": [f for r in results for f in r["failures"]],
         },
         args.json,
     )

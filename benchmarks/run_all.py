@@ -1,11 +1,15 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md`` (tables, machine, versions) and ``update_time.png``.
 
 Each benchmark runs in its own process (so one workload's memory never disturbs the next), with a time limit;
-the GPU benchmark (``bench_cuda.py``) is included only when ``torch.cuda.is_available()``.
+the GPU benchmark (``bench_cuda.py``) is included only when ``torch.cuda.is_available()``, except with
+``--quick``, which smoke-tests every script (``bench_cuda.py --quick`` runs its code on the CPU).
 Budget: under 10 minutes on 2 CPU cores shared with other work.
 
-Run: ``python benchmarks/run_all.py`` (``--quick`` for a smoke run that writes to a temporary folder unless
-``--out`` is given).
+A script that fails (non-zero exit: it crashed, timed out, or hf_ema's own row was wrong) is recorded in the
+results with the end of its error output, and this script then exits with status 1 after writing them.
+
+Run: ``python benchmarks/run_all.py`` (``--quick`` for a smoke run of every script that writes to a temporary
+folder unless ``--out`` is given).
 """
 
 from __future__ import annotations
@@ -55,30 +59,32 @@ BENCHES = [
 CUDA_BENCH = ("cuda", "bench_cuda.py", [], 400, "GPU")
 
 
-def run_one(script: str, extra: list[str], limit: int, json_path: Path, quick: bool) -> tuple[dict, float]:
-    """Run one benchmark script in its own process; return its JSON result (or an error entry) and wall time."""
-    if quick:  # keep the flags that choose *what* to run, drop the sizes/rounds
-        extra = [
-            "--quick",
-            *(extra[extra.index("--threads") : extra.index("--threads") + 2] if "--threads" in extra else []),
-        ]
+def quick_args(extra: list[str]) -> list[str]:
+    """``--quick`` plus the flags of ``extra`` that choose *what* runs (``--threads N``), not sizes or rounds."""
+    i = extra.index("--threads") if "--threads" in extra else None
+    return ["--quick", *(extra[i : i + 2] if i is not None else [])]
+
+
+def run_one(script: str, extra: list[str], limit: int, json_path: Path) -> tuple[dict, float]:
+    """Run one benchmark script in its own process; return its JSON result and wall time.
+
+    The result gets ``"failed": "<why>"`` when the script exited non-zero or timed out; its markdown then
+    ends with the tail of the script's error output (and is only that when it wrote no JSON).
+    """
     cmd = [sys.executable, str(HERE / script), "--json", str(json_path), *extra]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=HERE.parent)
     except subprocess.TimeoutExpired:
-        return {
-            "name": script,
-            "markdown": f"**{script}**: timed out after {limit} s",
-        }, time.perf_counter() - t0
+        why = f"timed out after {limit} s"
+        return {"name": script, "failed": why, "markdown": f"**{script}**: {why}"}, time.perf_counter() - t0
     dt = time.perf_counter() - t0
-    if proc.returncode != 0 or not json_path.exists():
+    res = json.loads(json_path.read_text()) if json_path.exists() else {"name": script, "markdown": ""}
+    if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-1500:]
-        return {
-            "name": script,
-            "markdown": f"**{script}** failed (rc {proc.returncode}):\n\n```\n{tail}\n```",
-        }, dt
-    return json.loads(json_path.read_text()), dt
+        res["failed"] = f"exit status {proc.returncode}"
+        res["markdown"] += f"\n\n**{script} failed** (exit status {proc.returncode}):\n\n```\n{tail}\n```"
+    return res, dt
 
 
 def plot(updates: list[tuple[str, dict]], overhead: dict | None, path: Path) -> bool:
@@ -134,16 +140,20 @@ def main() -> None:
     args = p.parse_args()
     out = args.out or (Path(tempfile.mkdtemp(prefix="hf_ema_bench_")) if args.quick else HERE)
     out.mkdir(parents=True, exist_ok=True)
-    benches = list(BENCHES) + ([CUDA_BENCH] if torch.cuda.is_available() else [])
+    benches = list(BENCHES) + ([CUDA_BENCH] if torch.cuda.is_available() or args.quick else [])
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
+    commands: dict[str, str] = {}
     timings: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for key, script, extra, limit, _ in benches:
+            if args.quick:
+                extra = quick_args(extra)
             print(f"running {script} {' '.join(extra)} ...", flush=True)
-            res, dt = run_one(script, extra, limit, Path(tmp) / f"{key}.json", args.quick)
+            res, dt = run_one(script, extra, limit, Path(tmp) / f"{key}.json")
             results[key] = res
-            timings.append([f"{script} {' '.join(extra)}".strip(), f"{dt:.0f} s"])
+            commands[key] = " ".join(["python", f"benchmarks/{script}", *extra])
+            timings.append([f"{script} {' '.join(extra)}".strip(), f"{dt:.0f} s", res.get("failed", "ok")])
             print(res["markdown"], "\n", flush=True)
     total = time.perf_counter() - t_start
     updates = [("1 thread", results.get("update_1t", {})), ("default threads", results.get("update", {}))]
@@ -180,23 +190,31 @@ def main() -> None:
     ]
     if has_plot:
         lines += ["![update time](update_time.png)", ""]
-    for key, script, extra, _, title in benches:
-        cmd = " ".join(["python", f"benchmarks/{script}", *extra])
-        lines += [f"## {title}", "", f"`{cmd}`", "", results[key]["markdown"], ""]
-    if not torch.cuda.is_available():
-        lines += ["## GPU", "", "Not run: `torch.cuda.is_available()` is False on this machine.", ""]
+    for key, _, _, _, title in benches:
+        lines += [f"## {title}", "", f"`{commands[key]}`", "", results[key]["markdown"], ""]
+    if "cuda" not in results:
+        lines += [
+            "## GPU",
+            "",
+            "Not run: `torch.cuda.is_available()` is False on this machine (a GPU run: `RESULTS_GPU.md`).",
+            "",
+        ]
     lines += [
         "## Wall time per script",
         "",
-        "| script | wall |",
-        "|---|---|",
-        *[f"| {a} | {b} |" for a, b in timings],
+        "| script | wall | result |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in timings],
         "",
     ]
     tmp_md = out / "RESULTS.md.tmp"
     tmp_md.write_text("\n".join(lines))
     os.replace(tmp_md, out / "RESULTS.md")
     print(f"wrote {out / 'RESULTS.md'} ({total:.0f} s)")
+    failed = [f"{commands[k]}: {r['failed']}" for k, r in results.items() if "failed" in r]
+    if failed:
+        print("FAILED:", *failed, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

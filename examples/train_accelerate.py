@@ -6,6 +6,7 @@ clipping), batch size 16 per process, 800 optimizer steps, evaluation every 50 s
 ``decay=0.995, decay_type="exp", beta=15``. Runs offline on the CPU, on one process or several::
 
     python examples/train_accelerate.py --output_dir out                      # one process (--ema is on by default)
+    python examples/train_accelerate.py --output_dir out0 --no_ema            # the same run without the EMA
     accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --output_dir out2 --save_steps 400
     accelerate launch --multi_gpu --num_processes 2 examples/train_accelerate.py --output_dir out3 \\
         --resume_from out2/checkpoint_400
@@ -140,11 +141,18 @@ def print_table(history: list[dict], final: dict) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ScriptArguments, EMAArguments))
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, EMAArguments]:
+    """The script's and the EMA's flags; the EMA is on by default here, ``--no_ema`` (``--no-ema``) turns it off."""
+    # allow_abbrev=False: a misspelt or shortened flag is an error, never silently another flag's prefix.
+    parser = HfArgumentParser((ScriptArguments, EMAArguments), allow_abbrev=False)
     # the Trainer example's EMA settings (EMATrainerCallback(decay=0.995, decay_type="exp", beta=15))
     parser.set_defaults(ema=True, ema_decay=0.995, ema_decay_type="exp", ema_beta=15.0)
     args, ema_args = parser.parse_args_into_dataclasses(args=argv)
+    return args, ema_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, ema_args = parse_args(argv)
     torch.set_num_threads(1)  # tiny model: more threads only add overhead on a shared CPU
     # Several processes without CUDA: Accelerate forms a gloo (MULTI_CPU) group only when told to use the CPU;
     # otherwise every process would silently train alone.

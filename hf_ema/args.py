@@ -1,13 +1,20 @@
 """Command-line arguments for the EMA, in the style of ``TrainingArguments``.
 
-:class:`EMAArguments` is a dataclass that ``transformers.HfArgumentParser`` turns into ``--ema``,
+:class:`EMAArguments` is a dataclass that ``transformers.HfArgumentParser`` turns into ``--ema`` / ``--no_ema``,
 ``--ema_decay``, ``--ema_decay_type``, ``--ema_beta``, ``--ema_update_every``, ... flags. Every value is checked
 when the dataclass is built (that is, while the command line is parsed), so a bad flag stops the script before
 any model is loaded.
+
+``--no_ema`` (also ``--no-ema``) is a real flag, so it can switch off an EMA that a script turned on with
+``parser.set_defaults(ema=True)``; it is never read as a prefix of ``--no_ema_replace_at_end``. argparse still
+accepts unambiguous prefixes of other flags (``--ema_dec`` for ``--ema_decay``); a script that wants to refuse
+them passes ``HfArgumentParser(..., allow_abbrev=False)``, as ``examples/train_accelerate.py`` does.
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +22,35 @@ if TYPE_CHECKING:
     from .callback import EMATrainerCallback
 
 __all__ = ["EMAArguments"]
+
+
+class _EmaSwitch(argparse.Action):
+    """``--ema [BOOL]`` plus its negations ``--no_ema`` / ``--no-ema``, as ONE argparse action.
+
+    HfArgumentParser adds a ``--no_<field>`` flag only to bool fields whose default is True; ``ema`` defaults to
+    False, so without this there would be no ``--no_ema`` and argparse's prefix matching would read ``--no_ema``
+    as ``--no_ema_replace_at_end`` (the only option starting with it), silently. Passed through the field's
+    metadata (HfArgumentParser hands metadata to ``add_argument``), this action registers the negations as option
+    strings of the same argument, so they are exact matches and work with any HfArgumentParser, whatever its
+    ``allow_abbrev``. HfArgumentParser still supplies ``nargs="?"``, ``const=True`` and its string-to-bool
+    ``type``: ``--ema`` -> True, ``--ema false`` -> False, ``--no_ema`` -> False (a value after a negation is
+    negated too: ``--no_ema false`` -> True). The last of them on the command line wins.
+    """
+
+    NEGATIONS = ("--no_ema", "--no-ema")
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__([*option_strings, *self.NEGATIONS], dest, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        value = bool(values)  # HfArgumentParser's type already turned "false"/"no"/"0"/... into a bool
+        setattr(namespace, self.dest, not value if option_string in self.NEGATIONS else value)
 
 
 @dataclass
@@ -36,7 +72,11 @@ class EMAArguments:
     """
 
     ema: bool = field(
-        default=False, metadata={"help": "Keep an EMA of the model weights and evaluate with it."}
+        default=False,
+        metadata={
+            "help": "Keep an EMA of the model weights and evaluate with it (--ema / --no_ema, --ema false).",
+            "action": _EmaSwitch,
+        },
     )
     ema_decay: float = field(
         default=0.9999, metadata={"help": "Maximum EMA decay, strictly between 0 and 1."}

@@ -649,7 +649,10 @@ class EMAState:
             if obj is not None:
                 obj.wait()
 
-        self._hook_handle = torch.optim.optimizer.register_optimizer_step_pre_hook(_join_before_step)
+        # `torch.optim.optimizer` is not an attribute of `torch.optim` (its __init__ deletes the submodule names)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._hook_handle = register_optimizer_step_pre_hook(_join_before_step)
 
     def __del__(self) -> None:
         handle = getattr(self, "_hook_handle", None)
