@@ -187,7 +187,12 @@ def test_inspect_checkpoint_json(world, capsys):
     assert emas["ema_net-slow"]["name"] == "slow"
     # text output names the same things
     rc, out, _ = _run(capsys, "inspect", ckpt)
-    assert rc == 0 and "ema_net-slow" in out and "decay 0.95" in out and f"{emas['ema_net']['parameters']:,}" in out
+    assert (
+        rc == 0
+        and "ema_net-slow" in out
+        and "decay 0.95" in out
+        and f"{emas['ema_net']['parameters']:,}" in out
+    )
 
 
 def test_inspect_ema_net_folder_and_run(world, capsys):
@@ -264,7 +269,10 @@ def test_export_loads_with_from_pretrained_and_tokenizer(world, tmp_path, capsys
     exported = {p.name for p in out.iterdir()}
     want_tok = {n for n in TOKENIZER_FILES if (ckpt / n).is_file()}
     assert want_tok >= {"tokenizer.json", "tokenizer_config.json", "vocab.txt"}
-    assert exported == {"model.safetensors", "config.json", "generation_config.json", "hf_ema_export.json"} | want_tok
+    assert (
+        exported
+        == {"model.safetensors", "config.json", "generation_config.json", "hf_ema_export.json"} | want_tok
+    )
     for n in [*want_tok, "generation_config.json"]:
         assert (out / n).read_bytes() == (ckpt / n).read_bytes(), n
     assert not list(tmp_path.glob(".model.*"))  # no temporary folder left
@@ -391,7 +399,9 @@ def test_synthesize_writes_what_synthesize_returns(world, tmp_path, capsys):
     # the weights table: one row per snapshot used, one column per target
     assert "weights" in stdout and stdout.count(f"{STEPS:>9}") == 2
 
-    rc, stdout, _ = _run(capsys, "synthesize", run, "--sigma-rel", 0.05, "--at-step", 20, "--out", out, "--json")
+    rc, stdout, _ = _run(
+        capsys, "synthesize", run, "--sigma-rel", 0.05, "--at-step", 20, "--out", out, "--json"
+    )
     assert rc == 0
     (res,) = json.loads(stdout)["results"]
     assert res["step"] == 20 and Path(res["path"]) == out / "sigma_rel-0.0500-step-20"
@@ -441,7 +451,9 @@ def test_synthesize_bad_input(world, tmp_path, capsys):
     assert rc == 2 and "--out" in err
     rc, _, err = _run(capsys, "synthesize", run, "--sigma-rel", "abc", "--out", tmp_path / "o")
     assert rc == 2 and "not a number" in err
-    rc, _, err = _run(capsys, "synthesize", run, "--sigma-rel", 0.05, "--at-step", STEPS + 4, "--out", tmp_path)
+    rc, _, err = _run(
+        capsys, "synthesize", run, "--sigma-rel", 0.05, "--at-step", STEPS + 4, "--out", tmp_path
+    )
     assert rc == 1 and "beyond the last snapshot" in err
     _one_line_error(err)
     rc, _, err = _run(capsys, "synthesize", world["ckpt"], "--sigma-rel", 0.05, "--out", tmp_path / "o")
@@ -538,8 +550,17 @@ def test_sweep_picks_the_best_and_writes_table_plot_csv(world, hook, tmp_path, c
 def test_sweep_module_hook_and_single_metric(world, hook, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(hook["file"].parent)  # MODULE:FUNCTION is imported from the working directory
     monkeypatch.delitem(sys.modules, "cli_hooks", raising=False)
-    rc, stdout, err = _run(
-        capsys, "sweep", world["run"], "--sigma-rel", 0.1, 0.05, "--eval", "cli_hooks:one", "--out", tmp_path / "s"
+    rc, _, err = _run(
+        capsys,
+        "sweep",
+        world["run"],
+        "--sigma-rel",
+        0.1,
+        0.05,
+        "--eval",
+        "cli_hooks:one",
+        "--out",
+        tmp_path / "s",
     )
     assert rc == 0, err
     summary = json.loads((tmp_path / "s" / "sweep.json").read_text())
@@ -571,7 +592,9 @@ def test_sweep_bad_input(world, hook, tmp_path, capsys):
     assert rc == 1 and "--sigma-rel" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
-    rc, _, err = _run(capsys, "sweep", run, "--sigma-rel", 0.05, "--eval", f"{f}:one", "--out", tmp_path / "full")
+    rc, _, err = _run(
+        capsys, "sweep", run, "--sigma-rel", 0.05, "--eval", f"{f}:one", "--out", tmp_path / "full"
+    )
     assert rc == 1 and "--force" in err
     with pytest.raises(CLIError, match="eval set not found"):
         main([*map(str, base), "--eval", f"{f}:broken", "--debug"])
