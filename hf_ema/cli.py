@@ -647,8 +647,9 @@ def _export(
     adapter = (ema_dir / ADAPTER_CONFIG_NAME).is_file()
     if not adapter and (ckpt_dir / ADAPTER_CONFIG_NAME).is_file():
         raise CLIError(
-            f"{str(ckpt_dir)!r} is a PEFT checkpoint, but its {label}/ has no {ADAPTER_CONFIG_NAME} (written by an "
-            "hf_ema before 0.2): load it with hf_ema.load_model and save it again, or re-save the EMA"
+            f"{str(ckpt_dir)!r} is a PEFT checkpoint, but its {label}/ has no {ADAPTER_CONFIG_NAME} (written before "
+            "hf_ema wrote adapter files): load it with hf_ema.load_model(<base model class>, checkpoint), which puts "
+            "the EMA tensors on the checkpoint's adapter, and save that model with save_pretrained"
         )
     summary: dict[str, Any] = {
         "source": str(ema_dir),

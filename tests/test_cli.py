@@ -377,6 +377,11 @@ def test_export_peft_adapter(tmp_path, capsys):
     for n in lora:
         assert torch.equal(loaded[n], ema_sd[n]), n
         assert not torch.equal(ema_sd[n], model.state_dict()[n])
+    # an ema_net without the adapter files (older hf_ema) of a PEFT checkpoint: refused, not a base-less "model"
+    (ckpt / "ema_net" / "adapter_model.safetensors").unlink()
+    (ckpt / "ema_net" / "adapter_config.json").unlink()
+    rc, _, err = _run(capsys, "export", ckpt, tmp_path / "adapter2")
+    assert rc == 1 and "is a PEFT checkpoint" in err and not (tmp_path / "adapter2").exists()
 
 
 # ----------------------------------------------------------------------------- synthesize
