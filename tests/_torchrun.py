@@ -38,9 +38,10 @@ def exit_worker() -> NoReturn:
 
 def run_torchrun(worker: Path, *args: str, timeout: int, label: str = "worker") -> None:
     """Run ``worker *args`` as 2 processes (``torchrun --standalone``: the rendezvous picks a free port), from the
-    repo root, without ``CUDA_VISIBLE_DEVICES``, within ``timeout`` seconds; raise with the output's tail on failure."""
+    repo root, with CUDA hidden (the workers are CPU gloo processes; on a one-GPU machine rank 1 would otherwise
+    pick a device that does not exist), within ``timeout`` seconds; raise with the output's tail on failure."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, str(worker), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout

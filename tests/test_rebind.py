@@ -235,7 +235,7 @@ def test_model_moved_to_cuda_after_build_moves_the_ema(dtype):
     ema = EMAState(model, decay=DECAY)
     model.to("cuda", dtype)  # what accelerator.prepare(model) does on a GPU
     history = [h0, *drive(ema, model, 5, seed=15)]
-    local = ema.state_dict()["ema"]
+    local = {k: v.clone() for k, v in ema.state_dict()["ema"].items()}  # state_dict() holds references
     assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in local.values())
     assert_ema(ema, history)
     with ema.average_parameters():
