@@ -83,7 +83,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from .io import STATE_NAME, WEIGHTS_NAME, EMAFileError, ema_dirname
+from .io import STATE_NAME, WEIGHTS_NAME, EMAFileError, ema_dirname, remove_ema_dir
 from .loading import has_ema
 from .schedules import IDecayFunction, supergradients_kwargs
 from .state import EMAState, _check_device
@@ -794,14 +794,30 @@ class EMATrainerCallback(TrainerCallback):
                     self.ema.update()
             else:
                 self.ema.update()
+        self._drop_stale_ema_net(args, state, control)
         if control.should_evaluate and self._is_primary:
             self._swap_in_for_eval()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.ema is not None:
+            self._drop_stale_ema_net(args, state, control)
         if control.should_evaluate and self._is_primary:
             self._swap_in_for_eval()
+
+    def _drop_stale_ema_net(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """Before the Trainer writes ``checkpoint-N`` (``should_save`` is set by then), delete this EMA's folder that
+        an earlier run left in that folder of a reused ``output_dir``: a process killed after the Trainer rewrote
+        its files and before :meth:`on_save` wrote the new EMA would otherwise leave the earlier run's EMA to be
+        resumed from, silently. With it gone, such a resume stops with the missing-EMA error instead."""
+        if not control.should_save or not state.is_world_process_zero or not args.output_dir:
+            return
+        if getattr(self.trainer, "hp_search_backend", None) is not None:
+            return  # trial folders: on_save finds the right one after the Trainer wrote it
+        checkpoint = os.path.join(args.output_dir, f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(checkpoint):
+            remove_ema_dir(checkpoint, ema_dirname(self.name))
 
     def on_log(
         self,

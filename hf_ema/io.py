@@ -57,6 +57,7 @@ __all__ = [
     "load_ema_meta",
     "load_ema_net",
     "open_ema_net",
+    "remove_ema_dir",
     "save_ema_net",
     "summarize_names",
 ]
@@ -304,6 +305,33 @@ def save_ema_net(
     for stale in [old, *_leftovers(directory, _old_prefix(dirname)), *_leftovers(directory, _tmp_prefix(dirname))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def remove_ema_dir(directory: str | os.PathLike, dirname: str = EMA_DIRNAME) -> None:
+    """Delete ``directory/<dirname>`` and the leftovers of interrupted saves into it (temporary and moved-aside
+    folders), so that nothing there can be loaded or finished by :func:`find_ema_dir` any more.
+
+    The Trainer callback calls it before the Trainer rewrites a checkpoint folder that an earlier run left in a
+    reused ``output_dir``: that folder's EMA belongs to the earlier run, and a process killed before the new EMA is
+    saved must not leave it to be resumed from.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> _ = save_ema_net(d, {"w": torch.ones(1)}, {"step": 0})
+        >>> remove_ema_dir(d); find_ema_dir(d) is None
+        True
+    """
+    if not _is_ema_dirname(dirname):
+        raise ValueError(f"`dirname` must be 'ema_net' or 'ema_net-<name>' (see ema_dirname), got {dirname!r}")
+    directory = Path(directory)
+    for folder in [
+        directory / dirname,
+        *_leftovers(directory, _tmp_prefix(dirname)),
+        *_leftovers(directory, _old_prefix(dirname)),
+    ]:
+        shutil.rmtree(folder, ignore_errors=True)
+    _fsync_dir(directory)
 
 
 def _holds_state(folder: Path, text: str) -> bool:
