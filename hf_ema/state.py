@@ -754,11 +754,11 @@ class EMAState:
         if missing or added or resized:
             parts = []
             if resized:
-                parts.append(f"shape changed ({len(resized)}): {resized[:10]}")
+                parts.append(f"shape changed: {summarize_names(resized)}")
             if missing:
-                parts.append(f"no longer in the model ({len(missing)}): {missing[:10]}")
+                parts.append(f"no longer in the model: {summarize_names(missing)}")
             if added:
-                parts.append(f"new in the model ({len(added)}): {added[:10]}")
+                parts.append(f"new in the model: {summarize_names(added)}")
             raise ValueError(
                 "The model's tensors changed after the EMA was built: "
                 + "; ".join(parts)
@@ -1197,7 +1197,7 @@ class EMAState:
         missing = [e.name for e in self._entries if e.name not in tensors]
         if missing:
             raise ValueError(
-                f"copy_to: the target model lacks {len(missing)} tracked tensor(s): {missing[:10]}"
+                f"copy_to: the target model lacks tracked tensor(s): {summarize_names(missing)}"
             )
         for e in self._entries:
             dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))

@@ -196,12 +196,12 @@ def test_new_and_missing_tensors_are_refused():
     model = tiny_mlp(seed=11)
     ema = EMAState(model, decay=DECAY)
     model[1] = nn.Linear(16, 16)  # the Tanh becomes a layer with weights: 1.weight, 1.bias are new
-    with pytest.raises(ValueError, match=r"new in the model \(2\): \['1.weight', '1.bias'\]"):
+    with pytest.raises(ValueError, match=r"new in the model: '1.weight', '1.bias'"):
         ema.update()
     model = tiny_mlp(seed=12)
     ema = EMAState(model, decay=DECAY)
     model[2] = nn.Identity()
-    with pytest.raises(ValueError, match=r"no longer in the model \(2\): \['2.weight', '2.bias'\]"):
+    with pytest.raises(ValueError, match=r"no longer in the model: '2.weight', '2.bias'"):
         ema.update()
     model = tiny_mlp(seed=13)
     ema = EMAState(model, decay=DECAY)
