@@ -455,7 +455,7 @@ class EMATrainerCallback(TrainerCallback):
         SuperGradients' (its trainer's ``total_steps = len(loader) * max_epochs`` is the Trainer's ``max_steps``).
 
         Args:
-            ema_params: Keyword arguments of this class; a top-level ``"ema"`` flag is ignored. Keys that are not
+            ema_params: Keyword arguments of this class; a top-level ``"ema"`` flag is ignored (``False``: refused). Keys that are not
                 arguments of this class go to the schedule's constructor, as in SuperGradients.
             **overrides: Take precedence over ``ema_params`` (e.g. ``replace_at_end=False``).
 
@@ -515,6 +515,9 @@ class EMATrainerCallback(TrainerCallback):
         self._setup_peers()  # refuses duplicates: before anything is built or changed
         _VERBOSITY.begin(self, self.trainer, args)
         try:
+            # An earlier train() that raised during an evaluation (an error, a KeyboardInterrupt) left this EMA in
+            # the model and the training weights inside the EMA: put them back before anything reads the model.
+            self._ensure_training_weights("a new training run (the last one stopped during an evaluation)")
             self._evals_pending = 0
             total = self.total_steps
             if total is None and state.max_steps and state.max_steps > 0:
