@@ -483,6 +483,8 @@ class EMATrainerCallback(TrainerCallback):
 
     def bind(self, trainer: Trainer) -> EMATrainerCallback:
         """Tell the callback which Trainer runs it (only needed for ``eval_both`` when it cannot find it itself).
+        A ``Trainer.train()`` found running when training starts takes precedence (and drops a binding to another
+        Trainer), so a callback bound once can be reused by the next Trainer.
 
         Returns:
             ``self``, so ``Trainer(..., callbacks=[cb])`` followed by ``cb.bind(trainer)`` reads naturally.
@@ -505,6 +507,8 @@ class EMATrainerCallback(TrainerCallback):
     ) -> None:
         trainer, resume = _find_running_trainer()
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        if trainer is not None and self._bound is not None and self._bound() is not trainer:
+            self._bound = None  # bound to another Trainer (a callback reused, e.g. per fold): follow this one
         # The Trainer's own model, not the callback handler's reference: with `model_init`, train() builds a
         # new model and the handler keeps the one built in __init__.
         model = getattr(self.trainer, "model", None)

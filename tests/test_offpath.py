@@ -123,6 +123,39 @@ def as_hist(history):
     return [as_np(h) for h in history]
 
 
+def test_callback_bound_to_an_earlier_trainer_follows_the_one_that_trains(tmp_path):
+    """Bug: a callback bound (``bind``, as the docs show for eval_both) to a first Trainer that is still alive
+    and reused in a second Trainer (a k-fold loop) built its EMA on the first Trainer's model and evaluated
+    that Trainer: the second run's ``eval_*`` metrics were of its training weights, ``eval_raw_*`` of the other
+    model, silently."""
+    cb = EMATrainerCallback(decay=0.5, eval_both=True)
+    trainers, recs = [], []
+    for fold in range(2):
+        model = TinyNet(seed=fold)
+        rec = Recorder(model)
+        args = training_args(tmp_path / str(fold), max_steps=3, eval_strategy="steps", eval_steps=3)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ToyDataset(64, seed=fold),
+            eval_dataset=ToyDataset(16, seed=1),
+            callbacks=[rec, cb],
+        )
+        if fold == 0:
+            cb.bind(trainer)
+        trainer.train()
+        trainers.append(trainer)
+        recs.append(rec)
+    model = trainers[1].model
+    assert cb.ema.model is model
+    hist = as_hist(recs[1].history)
+    assert_close(recs[1].eval_weights[3], ref_ema(hist, lambda t: 0.5))
+    raw = [h["eval_raw_loss"] for h in trainers[1].state.log_history if "eval_raw_loss" in h]
+    with torch.no_grad():
+        model.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in hist[-1].items()})
+    assert raw == [pytest.approx(trainers[1].evaluate()["eval_loss"], rel=1e-6)]
+
+
 @pytest.mark.parametrize("flag", [False, 0])
 def test_supergradients_dict_with_ema_off_is_refused(flag):
     """Bug: ``from_params({"ema": False, ...})`` built an EMA and averaged although the dict switches it off."""
