@@ -950,8 +950,9 @@ class EMAState:
 
         Returns:
             ``d``, the decay per optimizer step for this step (``d ** kappa`` with a reference batch size);
-            ``None`` when the accelerator reports that the optimizer skipped the step (fp16 overflow): such a step
-            is neither counted nor averaged.
+            ``None`` when the accelerator reports that the optimizer skipped the step (fp16 overflow) or did not
+            step (``sync_gradients`` False: a micro-batch inside ``accelerator.accumulate``, where a prepared
+            optimizer's ``step()`` does nothing): such a call is neither counted nor averaged.
 
         Raises:
             ValueError: If the schedule gives a value outside [0, 1]; nothing is counted or averaged then.
@@ -963,7 +964,11 @@ class EMAState:
         """
         if self._swapped:
             raise RuntimeError("EMAState.update() called inside average_parameters(): leave the block first")
-        if self.accelerator is not None and getattr(self.accelerator, "optimizer_step_was_skipped", False):
+        if self.accelerator is not None and (
+            getattr(self.accelerator, "optimizer_step_was_skipped", False)
+            # a micro-batch of `accelerator.accumulate`: the prepared optimizer did not step
+            or not getattr(self.accelerator, "sync_gradients", True)
+        ):
             return None
         self._check_bindings()
         step = self.step + 1

@@ -156,6 +156,36 @@ def test_callback_bound_to_an_earlier_trainer_follows_the_one_that_trains(tmp_pa
     assert raw == [pytest.approx(trainers[1].evaluate()["eval_loss"], rel=1e-6)]
 
 
+def test_update_inside_accumulate_counts_only_real_optimizer_steps():
+    """Bug: with ``accelerator.accumulate`` and ``ema.update()`` called inside the block (right after
+    ``optimizer.step()``, where many scripts put it), every micro-batch was counted and averaged, although the
+    prepared optimizer steps only when ``sync_gradients``: 2x the steps, the decay applied twice per step."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+    model, opt, data = acc.prepare(model, opt, data)
+    ema = EMAState(model, decay=0.9, decay_type="threshold", accelerator=acc)
+    history = [as_np(model.state_dict())]
+    decays = []
+    for (x,) in data:
+        with acc.accumulate(model):
+            acc.backward(model(x).pow(2).mean())
+            opt.step()
+            opt.zero_grad()
+            decays.append(ema.update())
+        if acc.sync_gradients:
+            history.append(as_np(model.state_dict()))
+    steps = len(history) - 1
+    assert steps == 4 and (ema.step, ema.num_updates) == (4, 4)
+    assert decays[0::2] == [None] * 4  # the micro-batches without an optimizer step
+    assert decays[1::2] == [pytest.approx(threshold(0.9, t)) for t in range(1, 5)]
+    assert_close(ema.state_dict()["ema"], ref_ema(history, lambda t: threshold(0.9, t)))
+
+
 @pytest.mark.parametrize("flag", [False, 0])
 def test_supergradients_dict_with_ema_off_is_refused(flag):
     """Bug: ``from_params({"ema": False, ...})`` built an EMA and averaged although the dict switches it off."""
