@@ -1,7 +1,7 @@
 """Two-process worker for tests/test_offpath.py: an ``EMAState`` built BEFORE ``accelerator.prepare`` (the order
 many Accelerate scripts use), gradient accumulation, ``save_state`` / ``load_state`` mid-run.
 
-Usage: ``torchrun --nproc_per_node 2 tests/offpath_worker.py OUT``. Writes, per rank ``r``:
+Usage: ``torchrun --nproc_per_node 2 tests/offpath_worker.py OUT [main_only_save]``. Writes, per rank ``r``:
 
 * ``hist{r}.safetensors``: the full parameters at the EMA's creation point (after prepare), after each optimizer
   step of the first leg, then after each step of the resumed leg (``{i}/{name}``);
@@ -89,8 +89,33 @@ def per_rank_init(rank: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def main_only_save(out: Path) -> None:
+    """``accelerator.save_state`` called on the main process only, as diffusers' training scripts do under DDP
+    (Accelerate itself needs no other rank there); the other rank trains on. Writes ``done{r}.json`` when the run
+    got through, and the main process's EMA at the save as ``saved_ema.safetensors``."""
+    acc = Accelerator(cpu=True)
+    model = make_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    ema = EMAState(model, decay=0.5, accelerator=acc, name="mainonly")
+    for step in range(1, 5):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + acc.process_index))
+        acc.backward(model(x).pow(2).mean())
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        if step == 2 and acc.is_main_process:
+            acc.save_state(str(out / "main_only"))
+            tensors = {k: v.clone().contiguous() for k, v in ema.state_dict()["ema"].items()}
+            save_file(tensors, str(out / "saved_ema.safetensors"))
+    (out / f"done{acc.process_index}.json").write_text(json.dumps({"step": ema.step}))
+
+
 if __name__ == "__main__":
     OUT = Path(sys.argv[1])
+    if sys.argv[2:] == ["main_only_save"]:
+        main_only_save(OUT)
+        exit_worker()
     history: list[dict[str, torch.Tensor]] = []
     leg(seed=0, steps=FIRST, resume=None, history=history)
     ema = leg(seed=123, steps=SECOND, resume=str(OUT / "ckpt"), history=history)

@@ -219,6 +219,19 @@ def test_ema_built_before_prepare_with_accumulation_resumes_exactly_on_two_proce
         assert_close(load_file(str(two_process_run / f"ema{rank}.safetensors")), want)
 
 
+def test_save_state_on_the_main_process_only_does_not_hang(tmp_path):
+    """Bug: the save hook waited for every process after writing ema_net, so a script that calls
+    ``accelerator.save_state`` on the main process only (diffusers' training scripts do, under DDP; Accelerate
+    itself needs no other rank then) hung: the main process waited in a barrier the others never reached."""
+    run_torchrun(
+        ROOT / "tests" / "offpath_worker.py", str(tmp_path), "main_only_save", timeout=90, label="main-only"
+    )
+    assert [json.loads((tmp_path / f"done{r}.json").read_text()) for r in (0, 1)] == [{"step": 4}] * 2
+    saved = load_file(str(tmp_path / "main_only" / "ema_net-mainonly" / "model.safetensors"))
+    want = load_file(str(tmp_path / "saved_ema.safetensors"))
+    assert same_bits(saved, want)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="EMA built before accelerator.prepare on several processes starts from each rank's own initial weights; "
