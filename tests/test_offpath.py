@@ -83,10 +83,12 @@ class AtTrainBegin(TrainerCallback):
         self.seen.append(snapshot(self.model))
 
 
-def test_train_after_a_run_interrupted_during_evaluation_starts_from_the_training_weights(tmp_path):
+@pytest.mark.parametrize("secondary", [False, True], ids=["one-ema", "secondary-listed-first"])
+def test_train_after_a_run_interrupted_in_evaluation_starts_from_training_weights(tmp_path, secondary):
     """Bug: a run stopped inside an evaluation (an error in compute_metrics, a KeyboardInterrupt in a notebook)
     left the EMA swapped into the model; the next ``trainer.train()`` built its EMA from those weights and trained
-    on from them: the training weights were silently lost."""
+    on from them: the training weights were silently lost. With a secondary EMA listed before the primary, the
+    secondary's new EMA starts from the training weights too."""
     calls = []
 
     def metrics(_):
@@ -98,6 +100,7 @@ def test_train_after_a_run_interrupted_during_evaluation_starts_from_the_trainin
     model = TinyNet()
     rec = Recorder(model)
     cb = EMATrainerCallback(decay=0.5)
+    slow = [EMATrainerCallback(decay=0.8, name="slow")] if secondary else []
     probe = AtTrainBegin(model)
     args = training_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2)
     trainer = Trainer(
@@ -106,7 +109,7 @@ def test_train_after_a_run_interrupted_during_evaluation_starts_from_the_trainin
         train_dataset=ToyDataset(64),
         eval_dataset=ToyDataset(16, seed=1),
         compute_metrics=metrics,
-        callbacks=[rec, cb, probe],
+        callbacks=[rec, *slow, cb, probe],
     )
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -117,6 +120,8 @@ def test_train_after_a_run_interrupted_during_evaluation_starts_from_the_trainin
     # put the training weights back: the run's start is the probe's)
     history = as_hist([probe.seen[1], *rec.history[1:]])
     assert_close(cb.ema.state_dict()["ema"], ref_ema(history, lambda t: 0.5))
+    if secondary:
+        assert_close(slow[0].ema.state_dict()["ema"], ref_ema(history, lambda t: 0.8))
 
 
 def as_hist(history):
