@@ -74,6 +74,9 @@ class IDecayFunction:
 
     #: Whether the schedule needs ``total_steps`` (checked at construction of the EMA).
     requires_total_steps: bool = False
+    #: Whether the schedule's averaging profile is relative to training time already (the same for any batch
+    #: size): the EMA then refuses ``reference_batch_size``, whose ``d ** (B / B_ref)`` would change that profile.
+    batch_size_invariant: bool = False
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = dict(kwargs)

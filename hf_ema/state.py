@@ -415,6 +415,13 @@ class EMAState:
         )
         self._check_schedule_needs()
         self._init_batch_scaling(reference_batch_size, batch_size, time_unit, strict_batch_size, accelerator)
+        if self.reference_batch_size is not None and getattr(self.schedule, "batch_size_invariant", False):
+            raise ValueError(
+                f"reference_batch_size={self.reference_batch_size} with decay_type={self.decay_type!r}: this "
+                "schedule's averaging profile is relative to the training time already, the same for any batch "
+                "size, and the scaling rule's d ** (batch_size / reference_batch_size) would change it (for "
+                "'power', to another gamma). Drop reference_batch_size (and time_unit)."
+            )
 
         self.accelerator = accelerator
         self.model = dist_utils.unwrap_model(model, accelerator)

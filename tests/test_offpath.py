@@ -191,6 +191,21 @@ def test_update_inside_accumulate_counts_only_real_optimizer_steps():
     assert_close(ema.state_dict()["ema"], ref_ema(history, lambda t: threshold(0.9, t)))
 
 
+@pytest.mark.parametrize("time_unit", ["steps", "samples"])
+def test_power_ema_with_the_batch_scaling_rule_is_refused(time_unit):
+    """Bug: decay_type="power" with reference_batch_size applied ((1 - 1/t)**(gamma + 1)) ** (B / B_ref), the
+    power profile of another gamma (3 -> 7 at B = 2 B_ref), so the sigma_rel asked for was silently not the one
+    averaged; with time_unit="samples" the first update no longer copied. The power EMA is relative to training
+    time, batch-size free already: the combination is refused, in EMAState and in the Trainer callback."""
+    kwargs = dict(decay_type="power", gamma=3.0, reference_batch_size=32, time_unit=time_unit)
+    with pytest.raises(ValueError, match="reference_batch_size=32 with decay_type='power'"):
+        EMAState(nn.Linear(2, 2), batch_size=64, **kwargs)
+    with pytest.raises(ValueError, match="reference_batch_size=32 with decay_type='power'"):
+        EMATrainerCallback(**kwargs)
+    ema = EMAState(nn.Linear(2, 2), decay_type="power", gamma=3.0)  # without the rule: the power profile
+    assert [ema.update() for _ in range(4)] == pytest.approx([(1 - 1 / t) ** 4 for t in range(1, 5)])
+
+
 @pytest.mark.parametrize("flag", [False, 0])
 def test_supergradients_dict_with_ema_off_is_refused(flag):
     """Bug: ``from_params({"ema": False, ...})`` built an EMA and averaged although the dict switches it off."""
