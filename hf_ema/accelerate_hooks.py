@@ -78,10 +78,13 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         obj = ref()
         if obj is not None:
-            # Accelerate runs this hook on every process: the sharded gather inside save() needs them all, and
-            # only the main process writes. Wait for that write so that no rank reads a half-made checkpoint.
+            # Accelerate runs this hook on every process that calls save_state: the sharded gather inside save()
+            # needs them all, and only the main process writes; then wait for that write so that no rank reads a
+            # half-made checkpoint. An unsharded EMA needs no other process: scripts that call save_state on the
+            # main process only (diffusers' do, under DDP) must not wait in a barrier the others never reach.
+            sharded = obj.is_sharded
             obj.save(output_dir)
-            if hasattr(accelerator, "wait_for_everyone"):
+            if sharded and hasattr(accelerator, "wait_for_everyone"):
                 accelerator.wait_for_everyone()
 
     def load_hook(models: list, input_dir: str) -> None:

@@ -463,7 +463,7 @@ class EMATrainerCallback(TrainerCallback):
         SuperGradients' (its trainer's ``total_steps = len(loader) * max_epochs`` is the Trainer's ``max_steps``).
 
         Args:
-            ema_params: Keyword arguments of this class; a top-level ``"ema"`` flag is ignored. Keys that are not
+            ema_params: Keyword arguments of this class; a top-level ``"ema"`` flag is ignored (``False``: refused). Keys that are not
                 arguments of this class go to the schedule's constructor, as in SuperGradients.
             **overrides: Take precedence over ``ema_params`` (e.g. ``replace_at_end=False``).
 
@@ -491,6 +491,8 @@ class EMATrainerCallback(TrainerCallback):
 
     def bind(self, trainer: Trainer) -> EMATrainerCallback:
         """Tell the callback which Trainer runs it (only needed for ``eval_both`` when it cannot find it itself).
+        A ``Trainer.train()`` found running when training starts takes precedence (and drops a binding to another
+        Trainer), so a callback bound once can be reused by the next Trainer.
 
         Returns:
             ``self``, so ``Trainer(..., callbacks=[cb])`` followed by ``cb.bind(trainer)`` reads naturally.
@@ -513,6 +515,8 @@ class EMATrainerCallback(TrainerCallback):
     ) -> None:
         trainer, resume = _find_running_trainer()
         self._trainer_ref = weakref.ref(trainer) if trainer is not None else None
+        if trainer is not None and self._bound is not None and self._bound() is not trainer:
+            self._bound = None  # bound to another Trainer (a callback reused, e.g. per fold): follow this one
         # The Trainer's own model, not the callback handler's reference: with `model_init`, train() builds a
         # new model and the handler keeps the one built in __init__.
         model = getattr(self.trainer, "model", None)
@@ -523,6 +527,9 @@ class EMATrainerCallback(TrainerCallback):
         self._setup_peers()  # refuses duplicates: before anything is built or changed
         _VERBOSITY.begin(self, self.trainer, args)
         try:
+            # An earlier train() that raised during an evaluation (an error, a KeyboardInterrupt) left this EMA in
+            # the model and the training weights inside the EMA: put them back before anything reads the model.
+            self._ensure_training_weights("a new training run (the last one stopped during an evaluation)")
             self._evals_pending = 0
             total = self.total_steps
             if total is None and state.max_steps and state.max_steps > 0:

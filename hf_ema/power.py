@@ -198,6 +198,9 @@ class PowerDecay(IDecayFunction):
         0.5625
     """
 
+    #: ``(1 - 1/t)**(gamma + 1)`` raised to ``B / B_ref`` would be another gamma: no EMA scaling rule here.
+    batch_size_invariant = True
+
     def __init__(self, gamma: float | None = None, sigma_rel: float | None = None) -> None:
         if gamma is None and sigma_rel is None:
             raise ValueError("decay_type='power' needs `gamma` (> 0) or `sigma_rel` (in (0, 1/sqrt(12)))")

@@ -74,6 +74,9 @@ class IDecayFunction:
 
     #: Whether the schedule needs ``total_steps`` (checked at construction of the EMA).
     requires_total_steps: bool = False
+    #: Whether the schedule's averaging profile is relative to training time already (the same for any batch
+    #: size): the EMA then refuses ``reference_batch_size``, whose ``d ** (B / B_ref)`` would change that profile.
+    batch_size_invariant: bool = False
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = dict(kwargs)
@@ -414,8 +417,8 @@ def supergradients_kwargs(
     * the legacy ``exp_activation`` flag: ``decay_type = "exp"`` if true else ``"constant"`` (it wins over a
       ``decay_type`` in the same dict, as in SuperGradients); a warning says it is deprecated;
     * no ``decay`` (or ``None``): ``0.9999``, with a warning, as in SuperGradients;
-    * a top-level ``"ema"`` flag is ignored; every other key is returned as is (EMA options, or schedule
-      arguments such as ``beta``).
+    * a top-level ``"ema"`` flag is ignored when true and refused (``ValueError``) when false: the EMA was switched
+      off; every other key is returned as is (EMA options, or schedule arguments such as ``beta``).
 
     ``overrides`` are applied last, and a ``decay_type`` or ``decay`` among them counts as given.
 
@@ -428,6 +431,12 @@ def supergradients_kwargs(
     """
     if not isinstance(ema_params, Mapping):
         raise TypeError(f"`ema_params` must be a dict, got {type(ema_params).__name__}: {ema_params!r}")
+    flag = ema_params.get("ema", True)
+    if flag is not None and not flag:  # {"ema": False, ...}: the user switched the EMA off
+        raise ValueError(
+            f"ema_params has ema={flag!r}, which switches the EMA off (SuperGradients' `ema` training flag); "
+            "building one from it would average anyway. Drop the callback / EMAState, or set ema=True."
+        )
     params = {k: v for k, v in ema_params.items() if k not in _SG_IGNORED_KEYS}
     overrides = dict(overrides or {})
     bad = [k for k in (*params, *overrides) if not isinstance(k, str)]

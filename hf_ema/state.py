@@ -428,6 +428,13 @@ class EMAState:
         )
         self._check_schedule_needs()
         self._init_batch_scaling(reference_batch_size, batch_size, time_unit, strict_batch_size, accelerator)
+        if self.reference_batch_size is not None and getattr(self.schedule, "batch_size_invariant", False):
+            raise ValueError(
+                f"reference_batch_size={self.reference_batch_size} with decay_type={self.decay_type!r}: this "
+                "schedule's averaging profile is relative to the training time already, the same for any batch "
+                "size, and the scaling rule's d ** (batch_size / reference_batch_size) would change it (for "
+                "'power', to another gamma). Drop reference_batch_size (and time_unit)."
+            )
 
         self.accelerator = accelerator
         self.model = dist_utils.unwrap_model(model, accelerator)
@@ -966,8 +973,9 @@ class EMAState:
 
         Returns:
             ``d``, the decay per optimizer step for this step (``d ** kappa`` with a reference batch size);
-            ``None`` when the accelerator reports that the optimizer skipped the step (fp16 overflow): such a step
-            is neither counted nor averaged.
+            ``None`` when the accelerator reports that the optimizer skipped the step (fp16 overflow) or did not
+            step (``sync_gradients`` False: a micro-batch inside ``accelerator.accumulate``, where a prepared
+            optimizer's ``step()`` does nothing): such a call is neither counted nor averaged.
 
         Raises:
             ValueError: If the schedule gives a value outside [0, 1]; nothing is counted or averaged then.
@@ -979,7 +987,11 @@ class EMAState:
         """
         if self._swapped:
             raise RuntimeError("EMAState.update() called inside average_parameters(): leave the block first")
-        if self.accelerator is not None and getattr(self.accelerator, "optimizer_step_was_skipped", False):
+        if self.accelerator is not None and (
+            getattr(self.accelerator, "optimizer_step_was_skipped", False)
+            # a micro-batch of `accelerator.accumulate`: the prepared optimizer did not step
+            or not getattr(self.accelerator, "sync_gradients", True)
+        ):
             return None
         self._check_bindings()
         step = self.step + 1
