@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY = $(VENV)/bin/python
 PIP = $(VPY) -m pip install -q -c constraints.txt
 
-.PHONY: venv install-test install-examples test example example-accelerate lint bench
+.PHONY: venv install-test install-examples test example example-accelerate example-posthoc lint bench
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: install-test
 
 example: install-examples
 	HF_HUB_OFFLINE=1 $(VPY) examples/train_trainer.py
+
+# Post-hoc EMA: trains once, then synthesises and evaluates a range of sigma_rel (runs/digits_posthoc/posthoc_sweep.png).
+example-posthoc: install-examples
+	HF_HUB_OFFLINE=1 $(VPY) examples/train_posthoc.py
 
 # Two CPU processes: `--multi_gpu` only selects the torchrun launcher; with CUDA hidden the script forms a gloo CPU
 # group. (`accelerate launch --cpu --num_processes 2` starts a single process in Accelerate 1.x.)

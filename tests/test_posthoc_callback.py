@@ -404,3 +404,35 @@ def test_fsdp2_two_processes_resume_and_synthesis_equal_one_process(tmp_path):
             # a tolerance of a few fp32 ulps of the synthesis' largest term).
             scale = sum(abs(c) for c in x.coefficients.values()) * float(y.tensors[k].abs().max())
             torch.testing.assert_close(x.tensors[k], y.tensors[k], rtol=0, atol=8 * 2**-24 * scale, msg=k)
+
+
+# ----------------------------------------------------------------------------- example
+def test_example_train_posthoc_runs_short(tmp_path):
+    pytest.importorskip("sklearn", reason="the example's data ships with scikit-learn")
+    pytest.importorskip("matplotlib", reason="the example plots with matplotlib")
+    import importlib.util
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = importlib.util.spec_from_file_location("example_train_posthoc", examples / "train_posthoc.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        out = module.main(
+            ["--output_dir", str(tmp_path), "--max_steps", "40", "--sweep", "0.05", "0.08", "0.1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop(spec.name, None)
+    assert out["snapshot_steps"] == list(range(2, 41, 2))  # every 5% of 40 steps
+    assert [round(r["sigma_rel"], 3) for r in out["sweep"]] == [0.05, 0.08, 0.1]
+    assert out["sweep"][0]["residual"] < 1e-9 and out["sweep"][2]["residual"] < 1e-9  # the tracked ones
+    assert (tmp_path / "posthoc_sweep.png").stat().st_size > 1000
+    # the documented disk cost: bytes per snapshot (bf16: 2 bytes a value) x snapshots x profiles, plus each
+    # file's safetensors header (its 8-byte length, then the JSON)
+    numel = sum(p.numel() for p in module.tiny_vit().state_dict().values())
+    files = list((tmp_path / "posthoc" / "snapshots").iterdir())
+    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in files)
+    assert len(files) == 40 and out["disk_bytes"] - headers == 2 * numel * 20 * 2
