@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY = $(VENV)/bin/python
 PIP = $(VPY) -m pip install -q -c constraints.txt
 
-.PHONY: venv install-test install-examples test example example-accelerate example-posthoc lint bench
+.PHONY: venv install-test install-examples test example example-accelerate lint bench
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,7 @@ example: install-examples
 	HF_HUB_OFFLINE=1 $(VPY) examples/train_trainer.py
 
 # Post-hoc EMA: trains once, then synthesises and evaluates a range of sigma_rel (runs/digits_posthoc/posthoc_sweep.png).
+.PHONY: example-posthoc
 example-posthoc: install-examples
 	HF_HUB_OFFLINE=1 $(VPY) examples/train_posthoc.py
 
