@@ -31,6 +31,11 @@ lint: install-test
 example: install-examples
 	HF_HUB_OFFLINE=1 $(VPY) examples/train_trainer.py
 
+# Post-hoc EMA: trains once, then synthesises and evaluates a range of sigma_rel (runs/digits_posthoc/posthoc_sweep.png).
+.PHONY: example-posthoc
+example-posthoc: install-examples
+	HF_HUB_OFFLINE=1 $(VPY) examples/train_posthoc.py
+
 # Two CPU processes: `--multi_gpu` only selects the torchrun launcher; with CUDA hidden the script forms a gloo CPU
 # group. (`accelerate launch --cpu --num_processes 2` starts a single process in Accelerate 1.x.)
 example-accelerate: install-examples

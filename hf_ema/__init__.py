@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .args import EMAArguments
     from .callback import EMATrainerCallback
     from .posthoc import PostHocEMA, synthesize
+    from .posthoc_callback import PostHocEMACallback
 
 # The Trainer integration imports transformers (seconds): load it only when asked for, so that Accelerate-only
 # and plain PyTorch users do not pay for it.
@@ -38,6 +39,7 @@ _LAZY = {
     "EMAArguments": ".args",
     "EMATrainerCallback": ".callback",
     "PostHocEMA": ".posthoc",
+    "PostHocEMACallback": ".posthoc_callback",
     "synthesize": ".posthoc",
 }
 
@@ -62,6 +64,7 @@ __all__ = [
     "ExpDecay",
     "IDecayFunction",
     "PostHocEMA",
+    "PostHocEMACallback",
     "PowerDecay",
     "ThresholdDecay",
     "WarmupDecay",

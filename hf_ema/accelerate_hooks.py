@@ -2,7 +2,8 @@
 
 Several EMAs on one accelerator each save and load their own folder (``ema_net`` for the unnamed one,
 ``ema_net-<name>`` for ``EMAState(..., name=name)``); a second EMA with a name already taken on that accelerator
-is refused when it is built, since both would write, and read back, the same folder.
+is refused when it is built, since both would write, and read back, the same folder. A ``PostHocEMA`` built with
+``accelerator=`` saves and loads ``posthoc_ema`` (its profiles and state) the same way, one per accelerator.
 
 We use Accelerate's ``register_save_state_pre_hook`` / ``register_load_state_pre_hook`` rather than
 ``register_for_checkpointing``: the latter stores objects with ``torch.save`` and restores them with
@@ -20,15 +21,16 @@ from typing import TYPE_CHECKING, Any
 from .io import ema_dirname, find_ema_dir
 
 if TYPE_CHECKING:
+    from .posthoc import PostHocEMA
     from .state import EMAState
 
-__all__ = ["register_with_accelerator"]
+__all__ = ["register_posthoc_with_accelerator", "register_with_accelerator"]
 
 logger = logging.getLogger(__name__)
 
-# accelerator -> {EMA folder name: the live EMAState saving there}. Weak on both sides: a dropped EMA frees its
-# name, and the registry never keeps an Accelerator alive.
-_EMAS_BY_ACCELERATOR: weakref.WeakKeyDictionary[Any, weakref.WeakValueDictionary[str, EMAState]] = (
+# accelerator -> {EMA folder name: the live EMAState saving there; "posthoc_ema": the PostHocEMA}. Weak on both
+# sides: a dropped EMA frees its name, and the registry never keeps an Accelerator alive.
+_EMAS_BY_ACCELERATOR: weakref.WeakKeyDictionary[Any, weakref.WeakValueDictionary[str, Any]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -103,6 +105,72 @@ def register_with_accelerator(ema: EMAState, accelerator: Any) -> tuple[Any, Any
                 input_dir,
                 dirname,
             )
+
+    return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(
+        load_hook
+    )
+
+
+def register_posthoc_with_accelerator(posthoc: PostHocEMA, accelerator: Any) -> tuple[Any, Any]:
+    """Make ``accelerator.save_state(dir)`` write ``dir/posthoc_ema/`` (every profile and the post-hoc state, after
+    the pending snapshots are on disk) and ``load_state(dir)`` restore it (and cut the run folder's manifest back
+    to that step: :meth:`hf_ema.PostHocEMA.load`).
+
+    Called by ``PostHocEMA(model, run_dir, accelerator=accelerator)``; the hooks hold it weakly. ``load_state`` of
+    a folder without ``posthoc_ema/`` raises :class:`hf_ema.posthoc.PostHocError`: the profiles average the whole
+    run and cannot be rebuilt from the model's weights alone.
+
+    Args:
+        posthoc: The post-hoc EMA to save and load.
+        accelerator: An ``accelerate.Accelerator``.
+
+    Returns:
+        The two removable hook handles (save, load).
+
+    Raises:
+        ValueError: If another live PostHocEMA is registered with ``accelerator`` (both would use
+            ``posthoc_ema/``).
+
+    Example:
+        >>> ph = PostHocEMA(model, "runs/exp1/phema", accelerator=accelerator)  # doctest: +SKIP
+        >>> accelerator.save_state("ckpt")  # ckpt/posthoc_ema/  # doctest: +SKIP
+    """
+    from .posthoc import STATE_DIRNAME, PostHocError
+
+    try:
+        taken = _EMAS_BY_ACCELERATOR.setdefault(accelerator, weakref.WeakValueDictionary())
+    except TypeError:  # an accelerator stand-in that cannot be weakly referenced
+        taken = None
+    if taken is not None:
+        other = taken.get(STATE_DIRNAME)
+        if other is not None and other is not posthoc:
+            raise ValueError(
+                f"This accelerator already has a PostHocEMA ({other!r}); a second one would save to and load from "
+                f"the same `{STATE_DIRNAME}` folder. One PostHocEMA tracks any number of profiles "
+                "(sigma_rels=(...)); or drop the first one (del it) before building another."
+            )
+        taken[STATE_DIRNAME] = posthoc
+    ref = weakref.ref(posthoc)
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        obj = ref()
+        if obj is not None:
+            obj.save(output_dir)  # every rank: sharded profiles are gathered; the main process writes
+            if hasattr(accelerator, "wait_for_everyone"):
+                accelerator.wait_for_everyone()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        obj = ref()
+        if obj is None:
+            return
+        if not os.path.isdir(os.path.join(input_dir, STATE_DIRNAME)):
+            raise PostHocError(
+                f"accelerator.load_state({input_dir!r}): no `{STATE_DIRNAME}` folder, but a PostHocEMA is "
+                "registered with this accelerator. Its profiles average the whole run and cannot be rebuilt from "
+                "the model's weights: load a state saved while the PostHocEMA existed, or build the PostHocEMA "
+                "(with a new run_dir) after load_state."
+            )
+        obj.load(input_dir)
 
     return accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(
         load_hook

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .callback import EMATrainerCallback
+    from transformers import TrainerCallback
 
 __all__ = ["EMAArguments"]
 
@@ -174,6 +174,38 @@ class EMAArguments:
             "instead of stopping with an error."
         },
     )
+    # Arguments of the `power` schedule (decay_type="power"); None: not passed.
+    ema_sigma_rel: float | None = field(
+        default=None,
+        metadata={"help": "`power` schedule: the EMA's width relative to training time, in (0, 0.2887)."},
+    )
+    ema_gamma: float | None = field(
+        default=None,
+        metadata={"help": "`power` schedule: its exponent (> 0), instead of --ema_sigma_rel."},
+    )
+    # Post-hoc EMA (PostHocEMACallback): profiles + snapshots, EMA length chosen after training.
+    ema_posthoc: bool = field(
+        default=False,
+        metadata={"help": "Track post-hoc EMA profiles and write snapshots (choose sigma_rel later)."},
+    )
+    ema_sigma_rels: list[float] = field(
+        default_factory=lambda: [0.05, 0.10],
+        metadata={"help": "Post-hoc EMA: widths of the tracked profiles (at least two)."},
+    )
+    ema_snapshot_every: float = field(
+        default=0.05,
+        metadata={
+            "help": "Post-hoc EMA: snapshot every N optimizer steps (>= 1), or a fraction of training (< 1)."
+        },
+    )
+    ema_snapshot_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Post-hoc EMA: dtype of the snapshot files: bfloat16, float16 or float32."},
+    )
+    ema_posthoc_dir: str | None = field(
+        default=None,
+        metadata={"help": "Post-hoc EMA: folder of snapshots and manifest (default: <output_dir>/posthoc)."},
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -184,6 +216,13 @@ class EMAArguments:
             EMATrainerCallback(**self.callback_kwargs())
         except (ValueError, TypeError) as e:
             raise type(e)(f"Invalid EMA arguments: {e}") from e
+        if self.ema_posthoc:
+            from .posthoc_callback import PostHocEMACallback
+
+            try:
+                PostHocEMACallback(**self.posthoc_callback_kwargs())
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"Invalid post-hoc EMA arguments: {e}") from e
 
     def callback_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~hf_ema.EMATrainerCallback` these flags stand for."""
@@ -211,6 +250,8 @@ class EMAArguments:
                     ("min_decay", self.ema_min_decay),
                     ("update_after_step", self.ema_update_after_step),
                     ("name", self.ema_name),
+                    ("sigma_rel", self.ema_sigma_rel),
+                    ("gamma", self.ema_gamma),
                 )
                 if value is not None  # given only when set: other schedules refuse these arguments
             },
@@ -226,8 +267,48 @@ class EMAArguments:
             "allow_ema_restart": self.ema_allow_restart,
         }
 
-    def callbacks(self) -> list[EMATrainerCallback]:
-        """``[EMATrainerCallback(...)]`` when ``--ema`` is set, else ``[]``: pass it to ``Trainer(callbacks=...)``."""
+    def posthoc_callback_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~hf_ema.PostHocEMACallback` these flags stand for.
+
+        ``--ema_snapshot_every`` below 1 is a fraction of training; from 1 on it is a whole number of optimizer
+        steps (``500`` or ``500.0``; ``2.5`` is refused).
+        """
+        every: Any = self.ema_snapshot_every
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not (every > 0):
+            raise ValueError(
+                f"--ema_snapshot_every must be a number of optimizer steps (>= 1) or a fraction of training in "
+                f"(0, 1), got {every!r}"
+            )
+        if every >= 1:
+            if float(every) != int(every):
+                raise ValueError(
+                    f"--ema_snapshot_every={every!r}: from 1 on it counts optimizer steps and must be a whole "
+                    "number (below 1 it is a fraction of training)"
+                )
+            every = int(every)
+        sigma_rels = self.ema_sigma_rels
+        if isinstance(sigma_rels, (int, float)):
+            sigma_rels = [sigma_rels]
+        return {
+            "sigma_rels": tuple(sigma_rels),
+            "snapshot_every": every,
+            "snapshot_dtype": self.ema_snapshot_dtype,
+            "run_dir": self.ema_posthoc_dir,
+            "total_steps": self.ema_total_steps,
+            # not --ema_update_every: it would have to divide --ema_snapshot_every; profiles update every step
+            "buffers": self.ema_buffers,
+            "trainable_only": self.ema_trainable_only,
+        }
+
+    def callbacks(self) -> list[TrainerCallback]:
+        """The callbacks these flags ask for, to pass to ``Trainer(callbacks=...)``: ``EMATrainerCallback`` with
+        ``--ema`` (it drives the evaluations), ``PostHocEMACallback`` with ``--ema_posthoc``; ``[]`` without either.
+        """
         from .callback import EMATrainerCallback
 
-        return [EMATrainerCallback.from_args(self)] if self.ema else []
+        out: list[TrainerCallback] = [EMATrainerCallback.from_args(self)] if self.ema else []
+        if self.ema_posthoc:
+            from .posthoc_callback import PostHocEMACallback
+
+            out.append(PostHocEMACallback.from_args(self))
+        return out

@@ -434,8 +434,9 @@ class PostHocEMA:
         run_id: Identifier of the run stored in the manifest and every snapshot (default: a random one).
         buffers: How the profiles treat floating-point buffers, as in :class:`~hf_ema.EMAState`.
         trainable_only: Track only parameters with ``requires_grad``.
-        accelerator: An ``accelerate.Accelerator``: unwraps the model and skips optimizer steps it reports as
-            skipped. (Saving with ``accelerator.save_state`` is not hooked yet: call :meth:`save` / :meth:`load`.)
+        accelerator: An ``accelerate.Accelerator``: unwraps the model, skips optimizer steps it reports as
+            skipped, and makes ``accelerator.save_state(dir)`` / ``load_state(dir)`` save and restore
+            ``dir/posthoc_ema/`` (:meth:`save` / :meth:`load`; one PostHocEMA per accelerator).
         max_pending: Snapshots that may wait in host memory for the writer (default 2) before :meth:`update` waits.
 
     Attributes:
@@ -503,10 +504,14 @@ class PostHocEMA:
             raise ValueError(f"`time_unit` must be one of {_TIME_UNITS}, got {time_unit!r}")
         if layout not in _LAYOUTS:
             raise ValueError(f"`layout` must be one of {_LAYOUTS}, got {layout!r}")
-        dtype = _resolve_dtype(snapshot_dtype)
+        try:
+            dtype = _resolve_dtype(snapshot_dtype)
+        except (TypeError, ValueError):
+            dtype = None  # refused just below, with this argument's name
         if dtype not in (torch.bfloat16, torch.float32, torch.float16):
             raise ValueError(
-                f"`snapshot_dtype` must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}"
+                "`snapshot_dtype` must be torch.bfloat16, torch.float16 or torch.float32 (or their names, e.g. "
+                f"'bfloat16'), got {snapshot_dtype!r}"
             )
         if isinstance(max_pending, bool) or not isinstance(max_pending, numbers.Integral) or max_pending < 1:
             raise ValueError(f"`max_pending` must be an integer >= 1, got {max_pending!r}")
@@ -560,6 +565,10 @@ class PostHocEMA:
         self._adopted = False  # set by load(): the run folder's earlier snapshots belong to this run
         self._manifest = self._open_manifest() if self.is_main else None
         self._writer = _SnapshotWriter(self._manifest, max_pending)
+        if accelerator is not None and hasattr(accelerator, "register_save_state_pre_hook"):
+            from .accelerate_hooks import register_posthoc_with_accelerator
+
+            register_posthoc_with_accelerator(self, accelerator)
 
     # ------------------------------------------------------------------ set-up helpers
     @staticmethod
