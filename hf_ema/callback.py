@@ -612,6 +612,8 @@ class EMATrainerCallback(TrainerCallback):
         early weights included, and never reach the decay that was asked for.
         """
         assert self.ema is not None
+        if not getattr(self.ema.schedule, "uses_decay", True):  # e.g. BEMA: `decay` is not used
+            return
         max_steps = int(getattr(state, "max_steps", 0) or 0)
         n, decay = self.ema.update_every, self.ema.decay
         horizon = n / (1.0 - decay**n)
