@@ -347,6 +347,22 @@ def test_trainable_only_and_frozen_parameters():
     assert np.array_equal(reads[4]["0.weight"], to_numpy(frozen[0].weight))
 
 
+def test_theta0_follows_a_rebind():
+    """model.to(float64) after the EMA was built: theta_0 follows like the EMA (fp64 weights keep an fp64 EMA)."""
+    model = tiny_mlp(seed=12)
+    ema = EMAState(model, decay_type="bema", update_every=2)
+    train(ema, model, 3)
+    before = {k: v.clone() for k, v in ema.ema_state_dict().items()}
+    theta0 = {k: v.clone() for k, v in ema.state_dict()["theta0"].items()}
+    model.to(torch.float64)
+    after = ema.ema_state_dict()
+    moved = ema.state_dict()["theta0"]
+    for k in before:
+        assert moved[k].dtype == torch.float64 and torch.equal(moved[k], theta0[k].double()), k
+        torch.testing.assert_close(after[k], before[k].double(), rtol=1e-6, atol=1e-7)
+    train(ema, model, 2, first=4)  # and it goes on
+
+
 def test_memory_is_two_copies():
     model = tiny_mlp(seed=9)
     plain = EMAState(model, decay_type="constant", decay=0.9)
@@ -576,3 +592,40 @@ def test_math_in_docs_example():
     assert fn.beta(400) == pytest.approx(411**-0.5)
     assert fn.bias_correction(400) == pytest.approx(411**-0.2)
     assert math.isclose(1 - fn(0.9999, 400, None), 411**-0.5)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2, 2 processes
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+def test_fsdp2_two_processes(tmp_path):
+    """theta_0 is sharded like the EMA (half the elements per rank), BEMA is gathered into the model's names and
+    equals the authors' BEMA of the gathered history, the swap works on shards, resume is bitwise."""
+    from pathlib import Path
+
+    from tests._torchrun import load_history, run_torchrun
+
+    run_torchrun(Path(__file__).with_name("bema_worker.py"), str(tmp_path), timeout=240, label="bema worker")
+    info = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in (0, 1)]
+    for i in info:
+        assert i["restored"] and i["inside_is_bema"] and i["resume_bitwise"] and i["resumed_step"] == 5
+        assert i["theta0_step"] == 4 and i["local_theta0_numel"] < 0.6 * i["full_numel"]
+    assert info[0]["resume_bema_bitwise"] and info[0]["file_names_ok"]
+    assert "bema_theta0.safetensors" in info[0]["files"]
+    history = load_history(tmp_path / "history.safetensors")
+    states = authors_run(
+        history,
+        2,
+        ema_power=0.5,
+        eta_power=0.2,
+        ema_gamma=1.0,
+        scaling_lag=2,
+        min_ema_multiplier=1e-4,
+        update_after=3,
+    )
+    last = states[8]  # step 9 is not an averaging step: the documented read with alpha at step 9
+    alpha = BEMADecay(update_after=3, lag=2).bias_correction(9)
+    want = {n: last.ema[n] + alpha * (history[9][n] - last.theta0[n]) for n in history[9]}
+    got = load_file(str(tmp_path / "bema.safetensors"))
+    assert_close({n: v.double().numpy() for n, v in got.items()}, want, tol=1e-5)
