@@ -282,16 +282,30 @@ class BiasCorrection:
         return {"theta0_step": self.taken_step}
 
     @staticmethod
+    def _correction(
+        ema: torch.Tensor, live: torch.Tensor, theta0: torch.Tensor, alpha: float
+    ) -> torch.Tensor:
+        """``alpha * (live - theta0)``, a new tensor of the EMA's dtype and device."""
+        c = torch.sub(live.to(ema.device), theta0)
+        if c.dtype != ema.dtype:
+            c = c.to(ema.dtype)
+        return c.mul_(alpha)
+
+    @staticmethod
     @torch.no_grad()
     def read(
         ema: torch.Tensor, live: torch.Tensor, theta0: torch.Tensor, alpha: float | None
     ) -> torch.Tensor:
         """``ema + alpha * (live - theta0)`` as a new tensor of the EMA's dtype and device (``live`` for
-        ``alpha=None``), computed in the EMA's precision."""
-        out = live.to(device=ema.device, dtype=ema.dtype, copy=True)
-        if alpha is not None:
-            out.sub_(theta0).mul_(alpha).add_(ema)
-        return out
+        ``alpha=None``).
+
+        Example:
+            >>> BiasCorrection.read(torch.zeros(2), torch.ones(2), torch.zeros(2), 0.5).tolist()
+            [0.5, 0.5]
+        """
+        if alpha is None:
+            return live.to(device=ema.device, dtype=ema.dtype, copy=True)
+        return BiasCorrection._correction(ema, live, theta0, alpha).add_(ema)
 
     @staticmethod
     @torch.no_grad()
@@ -311,7 +325,9 @@ class BiasCorrection:
         """
         if alpha is None:
             return
-        corr = live.to(device=ema.device, dtype=ema.dtype, copy=True).sub_(theta0).mul_(alpha)
+        c = BiasCorrection._correction(ema, live, theta0, alpha)
+        value = ema + c  # what read() gave (c + ema, the same sum), before rounding to the model's dtype
         now = written.to(ema.device)
-        unchanged = now == (ema + corr).to(now.dtype)
-        torch.where(unchanged, ema, now.to(ema.dtype) - corr, out=ema)
+        unchanged = now == value.to(now.dtype)
+        torch.sub(now, c, out=value)
+        torch.where(unchanged, ema, value, out=ema)
