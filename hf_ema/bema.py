@@ -309,6 +309,19 @@ class BiasCorrection:
 
     @staticmethod
     @torch.no_grad()
+    def write_(
+        out: torch.Tensor, ema: torch.Tensor, live: torch.Tensor, theta0: torch.Tensor, alpha: float
+    ) -> None:
+        """``out <- read(ema, live, theta0, alpha)`` (rounded to ``out``'s dtype); computed in ``out`` itself, with
+        no temporary, when it has the EMA's dtype and device (``out`` must not be ``live``)."""
+        if out.dtype == ema.dtype and out.device == ema.device and live.device == ema.device:
+            torch.sub(live, theta0, out=out)
+            out.mul_(alpha).add_(ema)  # the same operations as read(), so the same bits
+        else:
+            out.copy_(BiasCorrection.read(ema, live, theta0, alpha))
+
+    @staticmethod
+    @torch.no_grad()
     def keep_writes_(
         ema: torch.Tensor,
         written: torch.Tensor,

@@ -871,7 +871,8 @@ class EMATrainerCallback(TrainerCallback):
                 state.global_step,
                 args.output_dir,
             )
-            self.ema.ema_state_dict()  # still join the gather that other ranks run in save()
+            self.ema.ema_state_dict()  # still join the gathers that other ranks run in save()
+            self.ema._bias_files()  # (BEMA's uncorrected EMA and theta_0; nothing otherwise)
             return
         saved = self.ema.save(
             path or os.path.join(args.output_dir, f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}")

@@ -920,7 +920,7 @@ class EMAState:
             if e.theta0 is not None:  # BEMA is formed from the live weights: back them up (no XOR exchange)
                 backup = e.live.clone()
                 if alpha is not None:
-                    e.live.copy_(BiasCorrection.read(e.ema, backup, e.theta0, alpha))
+                    BiasCorrection.write_(e.live, e.ema, backup, e.theta0, alpha)
                 ops.append((e, backup))
             elif e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
                 _xor_swap(e.ema, e.live)

@@ -629,3 +629,25 @@ def test_fsdp2_two_processes(tmp_path):
     want = {n: last.ema[n] + alpha * (history[9][n] - last.theta0[n]) for n in history[9]}
     got = load_file(str(tmp_path / "bema.safetensors"))
     assert_close({n: v.double().numpy() for n, v in got.items()}, want, tol=1e-5)
+
+
+def test_peft_adapter_is_bema(tmp_path):
+    """LoRA with trainable_only: the saved EMA adapter (what PeftModel.from_pretrained loads) holds BEMA."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        tiny_bert(seed=2), peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    )
+    ema = EMAState(model, decay_type="bema", trainable_only=True, update_every=2)
+    initial = {n: to_numpy(p) for n, p in model.named_parameters() if p.requires_grad}
+    for k in range(1, 4):
+        perturb_(model, torch.Generator().manual_seed(k))
+        ema.update()
+    d = ema.save(tmp_path)
+    bema = ema.ema_state_dict()
+    assert max(np.abs(to_numpy(bema[n]) - initial[n]).max() for n in initial) > 1e-3
+    adapter = load_file(str(d / "adapter_model.safetensors"))
+    lora = [n for n in bema if "lora_A" in n]
+    assert lora and all(
+        torch.equal(adapter[n.replace(".default", "")], bema[n]) for n in lora
+    ), sorted(adapter)[:4]
