@@ -265,6 +265,9 @@ class EMAState:
         decay: Maximum decay, strictly in (0, 1).
         decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, ``"warmup"`` (timm / diffusers warm-up), a name
             registered in ``EMA_DECAY_FUNCTIONS``, or an :class:`~hf_ema.schedules.IDecayFunction` instance.
+            ``"bema"`` (:mod:`hf_ema.bema`) is the bias-corrected EMA: every read of the EMA weights (swap,
+            ``copy_to``, ``ema_state_dict``, ``save``) gives ``EMA + alpha * (live - theta_0)``, and ``theta_0`` is
+            kept beside the EMA.
         beta: ``exp`` schedule sharpness.
         total_steps: Planned number of optimizer steps (required by ``exp``).
         update_every: Average on every N-th optimizer step only, with the decay raised to the N-th power.
