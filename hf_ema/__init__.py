@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
+from .bema import BEMADecay  # registers decay_type="bema"
 from .io import EMAFileError, load_ema_net, save_ema_net
 from .loading import load_model
 from .power import PowerDecay  # registers decay_type="power"
@@ -56,6 +57,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "EMA_DECAY_FUNCTIONS",
+    "BEMADecay",
     "ConstantDecay",
     "EMAArguments",
     "EMAFileError",

@@ -206,6 +206,43 @@ class EMAArguments:
         default=None,
         metadata={"help": "Post-hoc EMA: folder of snapshots and manifest (default: <output_dir>/posthoc)."},
     )
+    # Arguments of the `bema` schedule (bias-corrected EMA, hf_ema.bema); None: not passed (the schedule's default).
+    ema_ema_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "`bema` schedule: kappa, exponent of the EMA weight (authors' and TRL's ema_power); 0.5."
+        },
+    )
+    ema_eta_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "`bema` schedule: eta, exponent of the bias correction (TRL's bias_power); default 0.2."
+        },
+    )
+    ema_ema_gamma: float | None = field(
+        default=None,
+        metadata={
+            "help": "`bema` schedule: gamma, time scale of the EMA weight (TRL's multiplier); default 1."
+        },
+    )
+    ema_lag: float | None = field(
+        default=None,
+        metadata={
+            "help": "`bema` schedule: rho, virtual age at the start (authors' scaling_lag); default 10."
+        },
+    )
+    ema_update_after: int | None = field(
+        default=None,
+        metadata={"help": "`bema` schedule: optimizer steps before averaging starts; default 0."},
+    )
+    ema_min_ema_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "`bema` schedule: lower bound of the EMA weight; default 1e-4 (paper), 0 (trl)."},
+    )
+    ema_parameterisation: str | None = field(
+        default=None,
+        metadata={"help": "`bema` schedule: `paper` (default) or `trl` (TRL BEMACallback's formulas)."},
+    )
 
     def __post_init__(self) -> None:
         # Validation is the callback's own (one place for the rules); it raises ValueError / TypeError with the
@@ -252,6 +289,13 @@ class EMAArguments:
                     ("name", self.ema_name),
                     ("sigma_rel", self.ema_sigma_rel),
                     ("gamma", self.ema_gamma),
+                    ("ema_power", self.ema_ema_power),
+                    ("eta_power", self.ema_eta_power),
+                    ("ema_gamma", self.ema_ema_gamma),
+                    ("lag", self.ema_lag),
+                    ("update_after", self.ema_update_after),
+                    ("min_ema_multiplier", self.ema_min_ema_multiplier),
+                    ("parameterisation", self.ema_parameterisation),
                 )
                 if value is not None  # given only when set: other schedules refuse these arguments
             },

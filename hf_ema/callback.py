@@ -653,6 +653,8 @@ class EMATrainerCallback(TrainerCallback):
         early weights included, and never reach the decay that was asked for.
         """
         assert self.ema is not None
+        if not getattr(self.ema.schedule, "uses_decay", True):  # e.g. BEMA: `decay` is not used
+            return
         max_steps = int(getattr(state, "max_steps", 0) or 0)
         n, decay = self.ema.update_every, self.ema.decay
         h = self.ema.horizon()  # with reference_batch_size: at decay ** (B / B_ref) per optimizer step
@@ -985,7 +987,8 @@ class EMATrainerCallback(TrainerCallback):
                 state.global_step,
                 args.output_dir,
             )
-            self.ema.ema_state_dict()  # still join the gather that other ranks run in save()
+            self.ema.ema_state_dict()  # still join the gathers that other ranks run in save()
+            self.ema._bias_files()  # (BEMA's uncorrected EMA and theta_0; nothing otherwise)
             return
         saved = self.ema.save(
             path or os.path.join(args.output_dir, f"{_PREFIX_CHECKPOINT_DIR}-{state.global_step}")

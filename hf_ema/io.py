@@ -7,7 +7,13 @@ Layout of ``<dir>/ema_net/``:
 * ``config.json``: the model's Hugging Face config, only when ``model.safetensors`` is the complete model under the
   names ``from_pretrained`` reads, so that the folder loads with ``AutoModel...from_pretrained(<dir>/ema_net)``;
 * for a PEFT model, ``adapter_model.safetensors`` + ``adapter_config.json`` (see :mod:`hf_ema.adapters`), so that
-  ``PeftModel.from_pretrained(base, <dir>/ema_net)`` loads the EMA adapter.
+  ``PeftModel.from_pretrained(base, <dir>/ema_net)`` loads the EMA adapter;
+* for a bias-corrected EMA (BEMA, ``decay_type="bema"``, :mod:`hf_ema.bema`): ``model.safetensors`` holds the
+  corrected weights ``EMA + alpha * (theta - theta_0)`` (what ``load_model`` / ``from_pretrained`` load), and two
+  more files under the same names hold the state that resuming needs: ``bema_ema.safetensors`` (the uncorrected
+  EMA of the corrected parameters) and, once averaging has started, ``bema_theta0.safetensors`` (their
+  ``theta_0``); ``ema_state.json`` has ``bias_correction: {"theta0_step": ...}``. Buffers are not corrected: their
+  EMA is in ``model.safetensors`` only.
 
 A named EMA (``EMAState(..., name="slow")``, several EMAs of one model) has the same layout in
 ``<dir>/ema_net-slow/`` (:func:`ema_dirname`).
@@ -45,6 +51,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "BEMA_EMA_NAME",
+    "BEMA_THETA0_NAME",
     "EMA_DIRNAME",
     "STATE_NAME",
     "WEIGHTS_NAME",
@@ -56,6 +64,7 @@ __all__ = [
     "find_ema_dir",
     "load_ema_meta",
     "load_ema_net",
+    "open_ema_file",
     "open_ema_net",
     "remove_ema_dir",
     "save_ema_net",
@@ -70,6 +79,9 @@ STATE_NAME = "ema_state.json"
 CONFIG_NAME = "config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: A bias-corrected EMA's (BEMA's) uncorrected EMA and its theta_0, beside ``model.safetensors`` (see above).
+BEMA_EMA_NAME = "bema_ema.safetensors"
+BEMA_THETA0_NAME = "bema_theta0.safetensors"
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -574,9 +586,10 @@ class EMANetReader:
         ((3, 2), [[2.0, 3.0]])
     """
 
-    def __init__(self, path: Path, meta: dict, handle: Any) -> None:
+    def __init__(self, path: Path, meta: dict, handle: Any, weights: str = WEIGHTS_NAME) -> None:
         self.path = path
         self.meta = meta
+        self.weights = weights
         self._handle = handle
         self.shapes: dict[str, tuple[int, ...]] = {
             name: tuple(handle.get_slice(name).get_shape())
@@ -590,13 +603,13 @@ class EMANetReader:
         if self._handle is None:
             raise EMAFileError(f"The EMA reader of {str(self.path)!r} is closed")
         if name not in self.shapes:
-            raise KeyError(f"{name!r} is not in {str(self.path / WEIGHTS_NAME)!r}")
+            raise KeyError(f"{name!r} is not in {str(self.path / self.weights)!r}")
         try:
             if not index:
                 return self._handle.get_tensor(name)
             return self._handle.get_slice(name)[index]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            weights = self.path / WEIGHTS_NAME
+            weights = self.path / self.weights
             raise EMAFileError(
                 f"Corrupt EMA weights file {str(weights)!r}: cannot read {name!r} ({e})"
             ) from e
@@ -637,6 +650,26 @@ def open_ema_net(path: str | os.PathLike, name: str | None = None) -> EMANetRead
         raise EMAFileError(
             f"Corrupt EMA weights file {str(weights)!r}: not a valid safetensors file ({e})"
         ) from e
+
+
+def open_ema_file(folder: str | os.PathLike, filename: str, meta: dict | None = None) -> EMANetReader:
+    """Open another safetensors file of an ``ema_net`` folder (e.g. :data:`BEMA_EMA_NAME`) as an
+    :class:`EMANetReader` (header now, data on demand), with ``meta`` as its JSON state.
+
+    Raises:
+        EMAFileError: If the file is missing or not valid safetensors; the message names it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    d = Path(folder)
+    f = d / filename
+    if not f.is_file():
+        raise EMAFileError(f"EMA folder {str(d)!r} is incomplete: {filename!r} is missing")
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+        return EMANetReader(d, dict(meta or {}), handle, weights=filename)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EMAFileError(f"Corrupt EMA file {str(f)!r}: not a valid safetensors file ({e})") from e
 
 
 def load_ema_net(

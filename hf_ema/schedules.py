@@ -407,6 +407,12 @@ _SG_DEFAULT_BETA = 15
 _SG_DEFAULT_DECAY = 0.9999
 
 
+def _uses_decay(decay_type: Any) -> bool:
+    """Whether the schedule reads the EMA's ``decay`` (BEMA, for one, has its own arguments)."""
+    cls = EMA_DECAY_FUNCTIONS.get(decay_type) if isinstance(decay_type, str) else type(decay_type)
+    return bool(getattr(cls, "uses_decay", True))
+
+
 def supergradients_kwargs(
     ema_params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -468,7 +474,8 @@ def supergradients_kwargs(
         )
         params["decay_type"] = "exp"
         params.setdefault("beta", _SG_DEFAULT_BETA)
-    if params.get("decay") is None and overrides.get("decay") is None:
+    decay_type = overrides.get("decay_type", params.get("decay_type"))
+    if params.get("decay") is None and overrides.get("decay") is None and _uses_decay(decay_type):
         warnings.warn(
             f"ema_params has no `decay`: as in SuperGradients it defaults to {_SG_DEFAULT_DECAY} (write it "
             "explicitly).",

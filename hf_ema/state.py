@@ -38,11 +38,15 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
+from .bema import BiasCorrection
 from .io import (
+    BEMA_EMA_NAME,
+    BEMA_THETA0_NAME,
     STATE_NAME,
     EMAFileError,
     check_ema_meta,
     ema_dirname,
+    open_ema_file,
     open_ema_net,
     save_ema_net,
     summarize_names,
@@ -113,6 +117,9 @@ class _Entry:
     # Another entry whose local tensor is this very tensor (two Parameter objects on one storage): this entry
     # shares that entry's ``ema`` and is averaged and swapped through it only.
     alias: _Entry | None = field(default=None, repr=False)
+    # Bias-corrected EMA (BEMA): the weights when averaging started, beside ``ema`` (same dtype, device, shard);
+    # None for entries that are not corrected (buffers, or no bias correction).
+    theta0: torch.Tensor | None = field(default=None, repr=False)
 
 
 def _check_decay(decay: Any) -> float:
@@ -333,6 +340,9 @@ class EMAState:
         decay: Maximum decay, strictly in (0, 1).
         decay_type: ``"constant"``, ``"threshold"``, ``"exp"``, ``"warmup"`` (timm / diffusers warm-up), a name
             registered in ``EMA_DECAY_FUNCTIONS``, or an :class:`~hf_ema.schedules.IDecayFunction` instance.
+            ``"bema"`` (:mod:`hf_ema.bema`) is the bias-corrected EMA: every read of the EMA weights (swap,
+            ``copy_to``, ``ema_state_dict``, ``save``) gives ``EMA + alpha * (live - theta_0)``, and ``theta_0`` is
+            kept beside the EMA.
         beta: ``exp`` schedule sharpness.
         total_steps: Planned number of optimizer steps (required by ``exp``).
         update_every: Average on every N-th optimizer step only, with the decay raised to the N-th power.
@@ -464,6 +474,7 @@ class EMAState:
         self._build_groups()
         self._cache_bindings()
         self._setup_side_stream()
+        self._init_bias_correction()
         if accelerator is not None and hasattr(accelerator, "register_save_state_pre_hook"):
             from .accelerate_hooks import register_with_accelerator
 
@@ -526,6 +537,28 @@ class EMAState:
             )
         #: Samples averaged over so far (the sum of the effective batch over counted steps); None when unknown.
         self.samples_seen: int | None = 0 if self._batch_size is not None else None
+
+    @torch.no_grad()
+    def _init_bias_correction(self) -> None:
+        """A schedule with a bias correction (BEMA, :mod:`hf_ema.bema`) gets ``theta_0`` beside the EMA of every
+        averaged parameter (same dtype, device and shard: one more EMA-sized copy), taken now when the schedule
+        starts at step 0, else by :meth:`update` at the schedule's start step."""
+        self._bias = BiasCorrection.for_schedule(self.schedule, self.update_every)
+        self._swap_alpha: float | None = None  # alpha of the BEMA swapped in (fixed while swapped)
+        if self._bias is None:
+            return
+        for e in self._primaries:
+            if e.kind == "param" and e.mode == "average":
+                e.theta0 = e.ema.clone()
+        for e in self._entries:
+            if e.alias is not None:
+                e.theta0 = e.alias.theta0
+        if self._bias.start == 0:
+            self._bias.taken_step = 0
+
+    def _read_alpha(self) -> float | None:
+        """``alpha`` of the bias correction for a read now (None: none, or ``theta_0`` not taken yet)."""
+        return None if self._bias is None else self._bias.alpha(self.step)
 
     def _ema_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.dtype is None or t.dtype == torch.float64:
@@ -612,9 +645,11 @@ class EMAState:
                 primary = first.setdefault(key, e)
                 if primary is not e:
                     e.alias, e.ema, e.staging = primary, primary.ema, None
+                    e.theta0 = primary.theta0
                     continue
             if id(e.ema) in owned:  # it was an alias before a re-bind separated the two tensors
                 e.ema = e.ema.clone()
+                e.theta0 = None if e.theta0 is None else e.theta0.clone()
             owned.add(id(e.ema))
         self._primaries = [e for e in self._entries if e.alias is None]
 
@@ -813,6 +848,10 @@ class EMAState:
             else:
                 ema = torch.empty(live.shape, dtype=dtype, device=device)
                 ema.copy_(values)
+            theta0 = e.theta0  # BEMA's theta_0 follows exactly as the EMA does
+            if theta0 is not None and (cut or theta0.dtype != dtype or theta0.device != device or e.alias):
+                theta0 = torch.empty(live.shape, dtype=dtype, device=device)
+                theta0.copy_(dist_utils.shard_like(t, e.theta0) if cut else e.theta0)
             if swapped:
                 live.copy_(e.live)
             if len(moved) < 3:
@@ -821,6 +860,7 @@ class EMAState:
                     f"EMA {_describe(ema)})"
                 )
             e.source, e.live, e.ema, e.owner, e.attr = t, live, ema, mod, attr
+            e.theta0 = theta0
             e.sharded = dist_utils.is_sharded(t)
             e.staging = self._staging_for(live, device)
         self._dedupe_aliases()
@@ -858,8 +898,11 @@ class EMAState:
         return any(dist_utils.is_sharded(e.source) for e in self._entries)
 
     def num_bytes(self) -> int:
-        """Bytes held by this process's EMA tensors (its shards only, on sharded models)."""
-        return sum(e.ema.numel() * e.ema.element_size() for e in self._primaries)
+        """Bytes held by this process's EMA tensors (its shards only, on sharded models), BEMA's ``theta_0``
+        included."""
+        return sum(
+            t.numel() * t.element_size() for e in self._primaries for t in (e.ema, e.theta0) if t is not None
+        )
 
     # ------------------------------------------------------------------ batch size (EMA scaling rule)
     @property
@@ -1011,6 +1054,8 @@ class EMAState:
         if self.samples_seen is not None:
             self.samples_seen += self._batch_size
         self.last_decay = d
+        if self._bias is not None and self._bias.due(step):
+            self._take_theta0(step)
         if averaging:
             weight = 1.0 - dn
             self.last_applied_decay = dn
@@ -1023,6 +1068,13 @@ class EMAState:
                 self._apply(weight)
             self.num_updates += 1
         return d
+
+    def _take_theta0(self, step: int) -> None:
+        """BEMA's ``theta_0``: the live weights now (once per run, at the schedule's start step)."""
+        for e in self._primaries:
+            if e.theta0 is not None:
+                e.theta0.copy_(e.live)
+        self._bias.taken_step = step
 
     def skip_to(self, step: int) -> None:
         """Count ``step`` optimizer steps as already taken, without averaging (e.g. resuming from a checkpoint
@@ -1079,13 +1131,37 @@ class EMAState:
         if id(p) in self._xor_ids:
             return p.live
         merged = p.ema.clone()
+        if p.theta0 is not None:  # the model holds BEMA: fold its writes back through the correction
+            BiasCorrection.keep_writes_(merged, p.live, self._backup_of(p), p.theta0, self._swap_alpha)
+            return merged
         _merge_into(merged, p.live)
         return merged
 
+    def _backup_of(self, p: _Entry) -> torch.Tensor:
+        """The training weights of ``p`` saved by the swap in progress."""
+        return next(backup for e, backup in self._swap_ops if e is p)
+
+    def _read_value(self, e: _Entry) -> torch.Tensor:
+        """The EMA weights as readers get them: the EMA itself, or for a bias-corrected entry (BEMA)
+        ``ema + alpha * (live - theta_0)`` formed now from the training weights (the live weights themselves before
+        ``theta_0`` is taken)."""
+        p = e.alias or e
+        if p.theta0 is None:
+            return self._current_ema(e)
+        if self._swapped:
+            return BiasCorrection.read(self._current_ema(e), self._backup_of(p), p.theta0, self._swap_alpha)
+        return BiasCorrection.read(p.ema, p.live, p.theta0, self._read_alpha())
+
     def _swap_in(self) -> None:
         ops: list[tuple[_Entry, torch.Tensor | None]] = []
+        alpha = self._swap_alpha = self._read_alpha()
         for e in self._primaries:
-            if e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
+            if e.theta0 is not None:  # BEMA is formed from the live weights: back them up (no XOR exchange)
+                backup = e.live.clone()
+                if alpha is not None:
+                    BiasCorrection.write_(e.live, e.ema, backup, e.theta0, alpha)
+                ops.append((e, backup))
+            elif e.ema.dtype == e.live.dtype and e.ema.device == e.live.device and e.live.numel():
                 _xor_swap(e.ema, e.live)
                 ops.append((e, None))
             else:
@@ -1100,6 +1176,9 @@ class EMAState:
         for e, backup in reversed(self._swap_ops):
             if backup is None:
                 _xor_swap(e.ema, e.live)  # the EMA takes the model's bits: writes made in between are kept
+            elif e.theta0 is not None:
+                BiasCorrection.keep_writes_(e.ema, e.live, backup, e.theta0, self._swap_alpha)
+                e.live.copy_(backup)
             else:
                 _merge_into(e.ema, e.live)
                 e.live.copy_(backup)
@@ -1193,13 +1272,15 @@ class EMAState:
                 for e, backup in self._swap_ops:
                     if backup is None:
                         e.ema.copy_(e.live)
+                    elif e.theta0 is not None:
+                        BiasCorrection.keep_writes_(e.ema, e.live, backup, e.theta0, self._swap_alpha)
                     else:
                         _merge_into(e.ema, e.live)
                 self._forget_swap()
                 return
             self._before_write()
             for e in self._primaries:
-                e.live.copy_(e.ema)
+                e.live.copy_(e.ema if e.theta0 is None else self._read_value(e))
             self._after_write()
             return
         target = dist_utils.unwrap_model(model)
@@ -1212,7 +1293,7 @@ class EMAState:
                 f"copy_to: the target model lacks tracked tensor(s): {summarize_names(missing)}"
             )
         for e in self._entries:
-            dist_utils.local_tensor(tensors[e.name]).copy_(self._current_ema(e))
+            dist_utils.local_tensor(tensors[e.name]).copy_(self._read_value(e))
         self._after_write([tensors[e.name] for e in self._entries])
 
     # ------------------------------------------------------------------ state dict
@@ -1234,6 +1315,7 @@ class EMAState:
             "trainable_only": self.trainable_only,
             "names": list(self._names),
             **self._batch_meta(),
+            **({"bias_correction": self._bias.meta()} if self._bias is not None else {}),
         }
 
     def _batch_meta(self) -> dict[str, Any]:
@@ -1248,11 +1330,19 @@ class EMAState:
         """Everything needed to continue bit-exactly: ``{"ema": {name: tensor}, "meta": {...}}``.
 
         ``ema`` holds this process's EMA tensors (local shards on sharded models) by reference; ``meta`` is
-        JSON-serialisable (step, schedule name and arguments, options).
+        JSON-serialisable (step, schedule name and arguments, options). A bias-corrected EMA (BEMA) also has
+        ``theta0`` (``theta_0`` of its parameters); its ``ema`` is the uncorrected EMA.
         """
         self.wait()
         self._check_bindings()
-        return {"ema": {e.name: self._current_ema(e) for e in self._entries}, "meta": self._meta()}
+        out = {"ema": {e.name: self._current_ema(e) for e in self._entries}, "meta": self._meta()}
+        if self._bias is not None:
+            out["theta0"] = {e.name: self._theta0(e) for e in self._entries if self._theta0(e) is not None}
+        return out
+
+    @staticmethod
+    def _theta0(e: _Entry) -> torch.Tensor | None:
+        return (e.alias or e).theta0
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
@@ -1269,7 +1359,7 @@ class EMAState:
             raise ValueError("EMAState.load_state_dict expects a mapping with 'ema' and 'meta' keys")
         if not self._swapped:
             self._check_bindings()
-        self._load(state_dict["ema"], state_dict["meta"], strict=strict)
+        self._load(state_dict["ema"], state_dict["meta"], strict=strict, theta0=state_dict.get("theta0"))
 
     def _check_names_shapes(self, shapes: Mapping[str, tuple[int, ...]], full: bool, strict: bool) -> None:
         names = set(self._names)
@@ -1302,16 +1392,61 @@ class EMAState:
         meta: Mapping[str, Any],
         strict: bool,
         source: str = "the state dict's 'meta'",
+        theta0: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Check this process's EMA tensors and the settings completely, then apply them."""
         if self._swapped:
             raise RuntimeError("Cannot load an EMA state inside average_parameters()")
         self.wait()
         self._check_names_shapes({k: tuple(v.shape) for k, v in tensors.items()}, full=False, strict=strict)
+        taken = self._check_bias_state(meta, theta0)
         self._load_meta(meta, source)
         for e in self._entries:
             if e.name in tensors:
                 e.ema.copy_(tensors[e.name])
+        if self._bias is not None:
+            self._bias = BiasCorrection(self.schedule, self.update_every)  # the saved schedule's arguments
+            self._bias.taken_step = taken
+            if taken is not None:
+                for e in self._primaries:
+                    if e.theta0 is not None:
+                        e.theta0.copy_(theta0[e.name])
+
+    def _check_bias_state(
+        self, meta: Mapping[str, Any], theta0: Mapping[str, torch.Tensor] | None
+    ) -> int | None:
+        """Validate a saved bias-correction state (BEMA) against this EMA; return the saved ``theta0_step``."""
+        taken = self._saved_theta0_step(meta)
+        if taken is not None:
+            theta0 = theta0 or {}
+            need = {e.name: tuple(e.theta0.shape) for e in self._primaries if e.theta0 is not None}
+            bad = [n for n, shape in need.items() if n not in theta0 or tuple(theta0[n].shape) != shape]
+            if bad:
+                raise ValueError(
+                    "The saved BEMA state lacks theta_0 (the weights when averaging started) of the right shape "
+                    f"for {len(bad)} tensor(s): {bad[:10]}"
+                )
+        return taken
+
+    def _saved_theta0_step(self, meta: Mapping[str, Any]) -> int | None:
+        """The saved ``bias_correction.theta0_step`` (None: not taken, or no bias correction); a ValueError when
+        the saved EMA and this one differ in having a bias correction."""
+        saved = meta.get("bias_correction")
+        if (saved is not None) != (self._bias is not None):
+            raise ValueError(
+                f"The saved EMA (decay_type={meta.get('decay_type')!r}) is {'' if saved is not None else 'not '}"
+                f"bias-corrected and this one (decay_type={self.decay_type!r}) is "
+                f"{'' if self._bias is not None else 'not'}: its tensors mean something else here. Build the EMA "
+                "with the saved decay_type (EMAState.load(directory, model) does)."
+            )
+        if saved is None:
+            return None
+        taken = saved.get("theta0_step") if isinstance(saved, Mapping) else saved
+        if taken is not None and (isinstance(taken, bool) or not isinstance(taken, int) or taken < 0):
+            raise ValueError(
+                f"Malformed EMA meta: bias_correction.theta0_step must be null or an integer >= 0, got {taken!r}"
+            )
+        return taken
 
     def _load_meta(self, meta: Mapping[str, Any], source: str = "the state dict's 'meta'") -> None:
         """Take the saved *state* and keep this EMAState's *settings* (a refused load changes nothing).
@@ -1430,19 +1565,25 @@ class EMAState:
         the shards are gathered (a collective: call it on every rank); tensors are on the CPU. With several
         processes only the main process keeps them (the others get ``{}``), so no rank but the main one ever
         holds a full copy of a sharded EMA, and that one tensor by tensor as they arrive. On an unsharded CPU
-        model the tensors share storage with the EMA (no copy): clone them to keep a snapshot.
+        model the tensors share storage with the EMA (no copy): clone them to keep a snapshot. A bias-corrected EMA
+        (BEMA) returns ``ema + alpha * (live - theta_0)`` for its parameters, formed now.
         """
         self.wait()
         self._check_bindings()
-        keep = dist_utils.is_main_process()
-        out: dict[str, torch.Tensor] = {}
-        pairs = [(e.name, e.source, self._current_ema(e)) for e in self._entries]
+        pairs = [(e.name, e.source, self._read_value(e)) for e in self._entries]
         if not self.trainable_only and self.buffers == "ignore":
             pairs += [
                 (name, b, dist_utils.local_tensor(b))
                 for name, b in _persistent_buffers(self.model)
                 if name not in self._by_name
             ]
+        return self._gathered(pairs)
+
+    def _gathered(self, pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Full CPU tensors of ``(name, source, local value)`` on the main process (a gather for sharded ones, which
+        every rank joins); ``{}`` on the other processes."""
+        keep = dist_utils.is_main_process()
+        out: dict[str, torch.Tensor] = {}
         for name, source, local in pairs:
             if keep:
                 out[name] = dist_utils.full_tensor(source, local)
@@ -1465,12 +1606,13 @@ class EMAState:
             'ema_net'
         """
         tensors = self.ema_state_dict()
+        extra = self._bias_files()
         dirname = ema_dirname(self.name)
         path = Path(directory) / dirname
         if dist_utils.is_main_process():
             from .adapters import peft_adapter_files
 
-            files = peft_adapter_files(self.model, tensors)
+            files = {**peft_adapter_files(self.model, tensors), **extra}
             path = save_ema_net(
                 directory,
                 tensors,
@@ -1480,6 +1622,46 @@ class EMAState:
                 dirname=dirname,
             )
         return path
+
+    def _bias_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """A bias-corrected EMA's own state for ``ema_net``, beside the corrected weights of ``model.safetensors``:
+        the uncorrected EMA of its parameters and, once taken, their ``theta_0`` (gathered: every rank calls it)."""
+        if self._bias is None:
+            return {}
+        corrected = [e for e in self._entries if self._theta0(e) is not None]
+        files = {BEMA_EMA_NAME: self._gathered([(e.name, e.source, self._current_ema(e)) for e in corrected])}
+        if self._bias.taken_step is not None:
+            files[BEMA_THETA0_NAME] = self._gathered([(e.name, e.source, self._theta0(e)) for e in corrected])
+        return files
+
+    def _read_bias_files(self, reader: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """This process's parts of the uncorrected EMA and ``theta_0`` of a bias-corrected EMA's parameters, read
+        from the files beside ``reader``'s ``model.safetensors`` (``({}, None)`` without bias correction)."""
+        if self._bias is None:
+            return {}, None
+        taken = self._saved_theta0_step(reader.meta)
+        corrected = [e for e in self._entries if self._theta0(e) is not None]
+        names = {e.name for e in corrected}
+        out: list[dict[str, torch.Tensor]] = []
+        for fname in (BEMA_EMA_NAME, BEMA_THETA0_NAME) if taken is not None else (BEMA_EMA_NAME,):
+            with open_ema_file(reader.path, fname, reader.meta) as r:
+                lacking = sorted(names - set(r.shapes))
+                if lacking:
+                    raise EMAFileError(
+                        f"{str(r.path / fname)!r} lacks {len(lacking)} tensor(s) of the BEMA state: {lacking[:10]}"
+                    )
+                self._check_names_shapes(
+                    {k: v for k, v in r.shapes.items() if k in names}, full=True, strict=False
+                )
+                out.append(
+                    {
+                        e.name: dist_utils.read_local(
+                            e.source, r.shapes[e.name], functools.partial(r.read, e.name)
+                        )
+                        for e in corrected
+                    }
+                )
+        return out[0], (out[1] if len(out) > 1 else None)
 
     def _load_dir(self, directory: str | os.PathLike) -> EMAState:
         """Restore the saved state into this EMAState, keeping its settings (see :meth:`_load_meta`)."""
@@ -1495,13 +1677,17 @@ class EMAState:
                 # Names and full shapes from the file's header first; then each rank reads only its own part
                 # (its FSDP2 shard / ZeRO-3 partition rows), so no rank holds the whole model's EMA in memory.
                 self._check_names_shapes(shapes, full=True, strict=True)
+                raw, theta0 = self._read_bias_files(reader)  # BEMA: its uncorrected EMA and theta_0
                 local = {
                     e.name: dist_utils.read_local(
                         e.source, shapes[e.name], functools.partial(reader.read, e.name)
                     )
                     for e in self._entries
+                    if e.name not in raw
                 }
-                self._load(local, reader.meta, strict=True, source=repr(str(reader.path / STATE_NAME)))
+                local.update(raw)
+                source = repr(str(reader.path / STATE_NAME))
+                self._load(local, reader.meta, strict=True, source=source, theta0=theta0)
             except EMAFileError:
                 raise
             except ValueError as e:
