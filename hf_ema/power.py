@@ -200,6 +200,7 @@ class PowerDecay(IDecayFunction):
 
     #: ``(1 - 1/t)**(gamma + 1)`` raised to ``B / B_ref`` would be another gamma: no EMA scaling rule here.
     batch_size_invariant = True
+    uses_decay = False  # the profile is set by gamma / sigma_rel alone
 
     def __init__(self, gamma: float | None = None, sigma_rel: float | None = None) -> None:
         if gamma is None and sigma_rel is None:

@@ -77,6 +77,9 @@ class IDecayFunction:
     #: Whether the schedule's averaging profile is relative to training time already (the same for any batch
     #: size): the EMA then refuses ``reference_batch_size``, whose ``d ** (B / B_ref)`` would change that profile.
     batch_size_invariant: bool = False
+    #: Whether the schedule reads the user's ``decay`` (``power`` and ``bema`` do not): the Trainer callback's
+    #: long-horizon warning, and the default-``decay`` warning of ``from_params``, apply only when it does.
+    uses_decay: bool = True
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = dict(kwargs)

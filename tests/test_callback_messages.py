@@ -105,10 +105,12 @@ def test_without_logging_configured_the_lines_reach_stderr(tmp_path, capsys):
         (0.5, "constant", 30, True),  # averages every 30 steps: never within 20 steps
         (0.9, "constant", 1, False),  # horizon 10 <= 20
         (0.9, "constant", 2, False),  # horizon 2 / (1 - 0.81) = 10.5 <= 20
+        (0.9999, "power", 1, False),  # the power EMA ignores `decay`: its width is relative to training time
     ],
 )
 def test_long_horizon_warns_once_at_train_start(tmp_path, caplog, decay, decay_type, update_every, warns):
-    cb = EMATrainerCallback(decay=decay, decay_type=decay_type, update_every=update_every)
+    kwargs = {"sigma_rel": 0.1} if decay_type == "power" else {}
+    cb = EMATrainerCallback(decay=decay, decay_type=decay_type, update_every=update_every, **kwargs)
     with caplog.at_level(logging.WARNING, logger="hf_ema"):
         run(tmp_path, cb, max_steps=20, eval_strategy="steps", eval_steps=10)
     found = [m for m in hf_ema_lines(caplog) if "optimizer steps" in m]

@@ -490,7 +490,8 @@ def test_state_dict_round_trip_into_another_models_ema_continues_identically():
     for _ in range(3):
         nudge(a, gen)
         ema_a.update()
-    ema_b = EMAState(b, decay=0.5)  # other settings: the saved ones are taken, with a warning
+    # The same settings (loading keeps the loading EMA's own settings and takes the saved state, see test_resume).
+    ema_b = EMAState(b, decay=0.9, decay_type="threshold", update_every=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ema_b.load_state_dict(ema_a.state_dict())
