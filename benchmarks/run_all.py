@@ -55,6 +55,8 @@ BENCHES = [
         "Trainer overhead (1 torch thread)",
     ),
     ("memory", "bench_memory.py", [], 200, "EMA memory per rank"),
+    ("bema", "bench_bema.py", [], 300, "BEMA cost"),
+    ("posthoc", "bench_posthoc.py", ["--max-seconds", "120"], 600, "Post-hoc EMA cost"),
 ]
 CUDA_BENCH = ("cuda", "bench_cuda.py", [], 400, "GPU")
 

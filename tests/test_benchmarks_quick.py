@@ -167,7 +167,9 @@ def test_bench_cuda_quick(results):
 def test_every_script_ran_and_reported_ok(results):
     wall = results["Wall time per script"]
     scripts = [r for r in (line.split("|") for line in wall.splitlines()) if len(r) > 3 and ".py" in r[1]]
-    assert len(scripts) == 6, wall  # update x2, overhead, trainer, memory, cuda
+    assert len(scripts) == 8, wall  # update x2, overhead, trainer, memory, bema, posthoc, cuda
+    listed = {r[1].split()[0] for r in scripts}
+    assert listed == {p.name for p in BENCH.glob("bench_*.py")}, listed  # no script is left out of run_all
     assert all(r[3].strip() == "ok" for r in scripts), wall
 
 
