@@ -465,6 +465,13 @@ class EMAState:
         self._hook_handle: Any = None
 
         self._entries = self._collect_entries()
+        #: trainable_only: the floating-point parameters frozen when the EMA was built, watched in update() so that
+        #: one unfrozen later (gradual unfreezing), which is not averaged, is reported (once) instead of ignored.
+        self._frozen: list[tuple[str, torch.Tensor]] = (
+            [(n, p) for n, p in self.model.named_parameters() if p.is_floating_point() and not p.requires_grad]
+            if self.trainable_only
+            else []
+        )
         if not self._entries:
             raise ValueError(
                 "The model has nothing to average: no floating-point parameters"
@@ -1037,6 +1044,8 @@ class EMAState:
         ):
             return None
         self._check_bindings()
+        if self._frozen:
+            self._report_unfrozen()
         step = self.step + 1
         n = self.update_every
         averaging = step % n == 0
@@ -1075,6 +1084,20 @@ class EMAState:
             if e.theta0 is not None:
                 e.theta0.copy_(e.live)
         self._bias.taken_step = step
+
+    def _report_unfrozen(self) -> None:
+        """Warn once when a parameter frozen at construction (``trainable_only=True``) now requires grad: it is not
+        averaged (the tracked set is fixed when the EMA is built), which would otherwise go unnoticed."""
+        unfrozen = [n for n, p in self._frozen if p.requires_grad]
+        if not unfrozen:
+            return
+        self._frozen = []  # once
+        logger.warning(
+            "trainable_only=True: %s now require grad but were frozen when the EMA was built, so the EMA does not "
+            "average them (it keeps their values at construction). Build the EMAState after the last unfreezing, "
+            "or use trainable_only=False.",
+            summarize_names(unfrozen),
+        )
 
     def skip_to(self, step: int) -> None:
         """Count ``step`` optimizer steps as already taken, without averaging (e.g. resuming from a checkpoint

@@ -513,12 +513,6 @@ def test_math_helpers_agree_with_the_docs():
     assert warmup(0.9999, 3, 0.75, 2) == 0.0 and math.isclose(warmup(0.9999, 4, 0.75, 2), 1 - 2**-0.75)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainable_only=True fixes the tracked set when the EMA is built; parameters unfrozen later (gradual "
-    "unfreezing) are never averaged and nothing says so (a check of requires_grad per update costs host time; "
-    "the policy, error or warning or re-scan, is the lead's call)",
-)
 def test_parameters_unfrozen_after_the_ema_was_built_are_averaged_or_reported(caplog):
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     model[0].requires_grad_(False)
