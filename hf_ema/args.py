@@ -84,7 +84,7 @@ class EMAArguments:
     ema_decay_type: str = field(
         default="constant",
         metadata={
-            "help": "Decay schedule: constant, threshold, exp, or a name in hf_ema.EMA_DECAY_FUNCTIONS."
+            "help": "Decay schedule: constant, threshold, exp, warmup, power, bema, or a name in hf_ema.EMA_DECAY_FUNCTIONS."
         },
     )
     ema_beta: float = field(default=15.0, metadata={"help": "Sharpness of the `exp` schedule (> 0)."})
