@@ -75,7 +75,7 @@ import re
 import sys
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -229,6 +229,22 @@ def _checkpoint_step(path: str) -> int | None:
             return int(json.load(f)["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+@contextlib.contextmanager
+def training_weights_in(callbacks: Iterable[EMATrainerCallback | None]) -> Iterator[None]:
+    """The training weights in the model for the block: each of ``callbacks`` that holds its EMA in the model for a
+    due evaluation (swapped in at ``on_step_end``, evaluated later in the same step) is swapped out, then back in,
+    bitwise, in reverse order. Another EMA's update inside the block so averages the training weights, never an
+    EMA."""
+    out = [c for c in callbacks if c is not None and c._evals_pending and c.ema is not None]
+    for c in out:
+        c.ema.swap()
+    try:
+        yield
+    finally:
+        for c in reversed(out):
+            c.ema.swap()
 
 
 class _EMADecayLog(TrainerCallback):
@@ -630,18 +646,10 @@ class EMATrainerCallback(TrainerCallback):
     def _peer_callbacks(self) -> list[EMATrainerCallback]:
         return [c for c in (ref() for ref in self._peers) if c is not None]
 
-    @contextlib.contextmanager
-    def _training_weights_in(self) -> Iterator[None]:
+    def _training_weights_in(self) -> contextlib.AbstractContextManager[None]:
         """The training weights in the model for the block: another EMA callback holding its EMA in the model
         for a due evaluation (the primary, listed before this one) is swapped out, then back in, bitwise."""
-        out = [c for c in self._peer_callbacks() if c is not self and c._evals_pending and c.ema is not None]
-        for c in out:
-            c.ema.swap()
-        try:
-            yield
-        finally:
-            for c in reversed(out):
-                c.ema.swap()
+        return training_weights_in(c for c in self._peer_callbacks() if c is not self)
 
     def _warn_long_horizon(self, state: TrainerState) -> None:
         """Warn once per run when the EMA averages over more optimizer steps than the run has.

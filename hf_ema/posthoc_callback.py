@@ -31,7 +31,7 @@ import os
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from .callback import (
     EMATrainerCallback,
     _checkpoint_step,
     _find_running_trainer,
+    training_weights_in,
 )
 from .posthoc import STATE_DIRNAME, STATE_NAME, PostHocEMA, PostHocError
 
@@ -350,22 +351,10 @@ class PostHocEMACallback(TrainerCallback):
         )
 
     # ------------------------------------------------------------------ per step
-    @contextlib.contextmanager
-    def _training_weights_in(self) -> Iterator[None]:
+    def _training_weights_in(self) -> contextlib.AbstractContextManager[None]:
         """The training weights in the model for the block: an EMA callback holding its EMA in the model for a due
         evaluation (listed before this one) is swapped out, then back in, bitwise."""
-        out = [
-            c
-            for c in (ref() for ref in self._ema_callbacks)
-            if c is not None and c._evals_pending and c.ema is not None
-        ]
-        for c in out:
-            c.ema.swap()
-        try:
-            yield
-        finally:
-            for c in reversed(out):
-                c.ema.swap()
+        return training_weights_in(ref() for ref in self._ema_callbacks)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
