@@ -134,12 +134,36 @@ def _shared_run_id(run_id: str | None, device: torch.device) -> str:
 
 
 def _host_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A fresh CPU copy of ``t``, floating tensors cast to ``dtype`` (on the device first: fewer bytes to move)."""
+    """A fresh CPU copy of ``t``, floating tensors cast to ``dtype`` (on the device first: fewer bytes to move).
+
+    From a CUDA tensor the copy goes into pinned host memory and is only *enqueued* (``non_blocking``) on the
+    current stream: the training thread does not wait for it, and the profile's next update, queued after it on
+    the same stream, cannot overwrite the values before they are copied. The writer waits for the copies with
+    :func:`_copies_done` before it reads them.
+    """
     t = t.detach()
     if t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
-        return t if t.device.type == "cpu" else t.cpu()
-    return t.to("cpu", copy=True)
+        if t.device.type == "cpu":
+            return t
+    elif t.device.type == "cpu":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _copies_done(devices: set[torch.device]) -> Any:
+    """An event recorded after the copies :func:`_host_copy` enqueued on ``devices`` (CUDA), or None."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    if not cuda:
+        return None
+    events = []
+    for d in cuda:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(d))
+        events.append(ev)
+    return events
 
 
 _ST_DTYPES = {
@@ -298,6 +322,7 @@ class _Job:
     entry: (
         dict[str, Any] | None
     )  # manifest entry to add once written (None: a per-rank piece of another rank)
+    ready: Any = None  # CUDA events after the device-to-host copies of ``tensors`` (None: already on the host)
 
 
 class _SnapshotWriter:
@@ -359,6 +384,8 @@ class _SnapshotWriter:
 
     def _write(self, job: _Job) -> None:
         start = time.perf_counter()
+        for event in job.ready or ():  # the device-to-host copies the training thread only enqueued
+            event.synchronize()
         job.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = job.path.with_name(f".{job.path.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -785,6 +812,9 @@ class PostHocEMA:
         # All copies first, then the hand-over: the writer never competes with the copies for the GIL.
         jobs = [job for i, p in enumerate(self.profiles) for job in self._snapshot_profile(i, p, step, t)]
         if jobs:
+            ready = _copies_done({e.ema.device for p in self.profiles for e in p._entries})
+            for job in jobs:
+                job.ready = ready
             self._writer.submit(jobs)
         self._last_snapshot_step = step
         self.snapshot_seconds += time.perf_counter() - start
