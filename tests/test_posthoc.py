@@ -591,3 +591,31 @@ def test_badly_conditioned_fit_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_ema.power, "ILL_CONDITIONED", 1.0)  # every Gram matrix is "bad" now
     with pytest.warns(RuntimeWarning, match="badly conditioned"):
         synthesize(tmp_path, sigma_rel=[0.08], progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous device-to-host snapshot path needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_snapshots_hold_the_profiles_as_of_their_step(tmp_path, dtype):
+    """On CUDA the training thread only enqueues the snapshot's copies into pinned memory; the next update, queued
+    right after, must not reach the files: each file equals the profile at its step, bitwise."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)]).cuda()
+    ph = PostHocEMA(model, tmp_path, snapshot_every=2, total_steps=8, snapshot_dtype=dtype)
+    want = {}
+    for step in range(1, 9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        ph.update()
+        if step % 2 == 0:
+            want[step] = [
+                {k: v.detach().to(dtype).cpu().clone() for k, v in prof.state_dict()["ema"].items()}
+                for prof in ph.profiles
+            ]
+    ph.close()
+    entries = json.loads((tmp_path / "manifest.json").read_text())["snapshots"]
+    assert len(entries) == 8
+    for e in entries:
+        got = load_file(str(tmp_path / e["files"][0]))
+        ref = want[e["step"]][e["profile"]]
+        assert all(torch.equal(got[k], ref[k]) for k in ref), (e["step"], e["profile"])
