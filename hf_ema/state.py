@@ -482,6 +482,7 @@ class EMAState:
         self._cache_bindings()
         self._setup_side_stream()
         self._init_bias_correction()
+        self._setup_start_refresh()
         if accelerator is not None and hasattr(accelerator, "register_save_state_pre_hook"):
             from .accelerate_hooks import register_with_accelerator
 
@@ -704,9 +705,61 @@ class EMAState:
         self._hook_handle = register_optimizer_step_pre_hook(_join_before_step)
 
     def __del__(self) -> None:
-        handle = getattr(self, "_hook_handle", None)
-        if handle is not None:
-            handle.remove()
+        for attr in ("_hook_handle", "_start_handle"):
+            handle = getattr(self, attr, None)
+            if handle is not None:
+                handle.remove()
+
+    def _setup_start_refresh(self) -> None:
+        """With several processes, take the EMA's start again right before the first optimizer step.
+
+        An EMA built before ``accelerator.prepare`` / ``DistributedDataParallel(model)`` copied each rank's own
+        initial weights, and DDP then overwrites every rank's weights with rank 0's: the ranks' EMAs would differ
+        for good, silently. Right before the first optimizer step (a global ``torch.optim`` step pre-hook; it does
+        nothing afterwards) the averaged parameters' EMA is copied again from the weights, which are by then the
+        synchronised ones (and, for one built in ``on_train_begin``, the same weights as at construction). Not
+        when the EMA was loaded, updated or is swapped in before that step; buffers are left as they are (a
+        forward may have changed them already).
+        """
+        self._start_pending = bool(
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+        self._start_handle: Any = None
+        if not self._start_pending:
+            return
+        ref = weakref.ref(self)
+
+        def _refresh_before_first_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+            obj = ref()
+            if obj is not None and obj._start_pending:
+                obj._refresh_start()
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._start_handle = register_optimizer_step_pre_hook(_refresh_before_first_step)
+
+    @torch.no_grad()
+    def _refresh_start(self) -> None:
+        self._start_pending = False
+        if self._swapped or self.step or self.num_updates:
+            return
+        self.wait()
+        self._check_bindings()
+        for e in self._primaries:
+            if e.kind == "param" and e.mode == "average":
+                e.ema.copy_(e.live)
+                if e.theta0 is not None:
+                    e.theta0.copy_(e.live)
+
+    def _end_start_refresh(self) -> None:
+        """No refresh of the EMA's start any more (it was updated or loaded); the hook is removed here, not inside
+        itself (torch iterates the hooks while calling them)."""
+        self._start_pending = False
+        if self._start_handle is not None:
+            self._start_handle.remove()
+            self._start_handle = None
 
     # ------------------------------------------------------------------ bindings to the model's tensors
     def _cache_bindings(self) -> None:
@@ -1044,6 +1097,8 @@ class EMAState:
         ):
             return None
         self._check_bindings()
+        if self._start_handle is not None:
+            self._end_start_refresh()
         if self._frozen:
             self._report_unfrozen()
         step = self.step + 1
@@ -1427,6 +1482,7 @@ class EMAState:
         for e in self._entries:
             if e.name in tensors:
                 e.ema.copy_(tensors[e.name])
+        self._end_start_refresh()  # a loaded EMA is never replaced by the weights
         if self._bias is not None:
             self._bias = BiasCorrection(self.schedule, self.update_every)  # the saved schedule's arguments
             self._bias.taken_step = taken

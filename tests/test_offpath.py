@@ -252,12 +252,6 @@ def test_save_state_on_the_main_process_only_does_not_hang(tmp_path):
     assert same_bits(saved, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EMA built before accelerator.prepare on several processes starts from each rank's own initial weights; "
-    "DDP then overwrites the weights with rank 0's, so the ranks' EMAs differ silently (needs a broadcast of the "
-    "EMA's start, or a refusal, when a DDP wrapper appears after the EMA was built)",
-)
 def test_ema_built_before_prepare_is_the_same_on_every_rank_without_a_seed(two_process_run):
     a = load_file(str(two_process_run / "unseeded0.safetensors"))
     b = load_file(str(two_process_run / "unseeded1.safetensors"))
