@@ -155,63 +155,27 @@ def bench_synthesis(params: int, tensors: int, snapshots: int, threads: int) -> 
     return r
 
 
-def _timed_events(callback, acc: dict[str, float]) -> None:
-    """Wrap every ``on_*`` event of ``callback`` so that the seconds spent in each add up in ``acc[event]``."""
-    for name in dir(callback):
-        if not name.startswith("on_"):
-            continue
-        fn = getattr(callback, name)
-
-        def timed(*a, _fn=fn, _name=name, **k):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                acc[_name] = acc.get(_name, 0.0) + time.perf_counter() - t0
-
-        setattr(callback, name, timed)
-
-
 TRAINER_CONFIGS = ("no EMA", "EMA (1)", "post-hoc (2 profiles)")
 
 
 def _train_once(config: str, steps: int, every: int, data, hidden: int, layers: int, vocab: int) -> dict:
     import transformers
-    from bench_trainer import make_model
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from bench_trainer import make_model, time_events, timed_train
 
     from hf_ema import EMATrainerCallback, PostHocEMACallback
 
     transformers.logging.set_verbosity_error()
     model = make_model(hidden, layers, vocab)
     events: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out:  # the post-hoc run folder
         cb = None
         if config == "EMA (1)":
             cb = EMATrainerCallback(decay=0.999)
         elif config == "post-hoc (2 profiles)":
-            cb = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_every=every)
+            cb = PostHocEMACallback(sigma_rels=(0.05, 0.10), snapshot_every=every, run_dir=out)
         if cb is not None:
-            _timed_events(cb, events)
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=16,
-            learning_rate=1e-3,
-            seed=0,
-            logging_strategy="no",
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[cb] if cb else [])
-        trainer.remove_callback(PrinterCallback)
-        t0 = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - t0
+            time_events(cb, events)
+        wall = timed_train(model, data, steps, [cb] if cb else [])
         res = {"wall": wall, "in_callback": sum(events.values()), "step_end": events.get("on_step_end", 0.0)}
         if isinstance(cb, PostHocEMACallback):
             st = cb.posthoc.write_stats
