@@ -270,7 +270,53 @@ class _EMADecayLog(TrainerCallback):
             owner._add_decay_to_logs(state, logs)
 
 
-class EMATrainerCallback(TrainerCallback):
+class _EvalSwap(TrainerCallback):
+    """The evaluation swap shared by the Trainer callbacks: an EMA (:meth:`_eval_ema`) is swapped into the model
+    when an evaluation is due, counted down in ``on_evaluate`` (once per eval dataset), and swapped out again, with
+    a warning, if the announced evaluation never came, before anything else touches the weights."""
+
+    _evals_pending: int = 0
+    trainer: Any
+
+    def _eval_ema(self) -> EMAState | None:
+        """The EMA this callback evaluates with (None: none)."""
+        raise NotImplementedError
+
+    def _num_eval_datasets(self) -> int:
+        trainer = self.trainer
+        eval_dataset = getattr(trainer, "eval_dataset", None) if trainer is not None else None
+        return len(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else 1
+
+    def _swap_in_for_eval(self) -> None:
+        ema = self._eval_ema()
+        if ema is None or self._evals_pending:
+            return
+        ema.swap()
+        self._evals_pending = self._num_eval_datasets()
+
+    def _ensure_training_weights(self, before: str) -> None:
+        ema = self._eval_ema()
+        if self._evals_pending and ema is not None:
+            logger.warning(
+                "%s: an evaluation was due but did not run; training weights restored before %s.",
+                type(self).__name__,
+                before,
+            )
+            ema.swap()
+            self._evals_pending = 0
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._ensure_training_weights("the next training step")
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._ensure_training_weights("the next epoch")
+
+
+class EMATrainerCallback(_EvalSwap):
     """Keep an EMA of the model's weights during ``Trainer.train()``; evaluate, checkpoint and finish with it.
 
     After every optimizer step ``t`` (1-based: 1 after the first step, as in SuperGradients),
@@ -788,16 +834,6 @@ class EMATrainerCallback(TrainerCallback):
         self.ema.skip_to(step)
 
     # ------------------------------------------------------------------ per step
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._ensure_training_weights("the next training step")
-
-    def on_epoch_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._ensure_training_weights("the next epoch")
-
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -868,25 +904,8 @@ class EMATrainerCallback(TrainerCallback):
                 last.update(added)
 
     # ------------------------------------------------------------------ evaluation
-    def _num_eval_datasets(self) -> int:
-        trainer = self.trainer
-        eval_dataset = getattr(trainer, "eval_dataset", None) if trainer is not None else None
-        return len(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else 1
-
-    def _swap_in_for_eval(self) -> None:
-        if self.ema is None or self._evals_pending:
-            return
-        self.ema.swap()
-        self._evals_pending = self._num_eval_datasets()
-
-    def _ensure_training_weights(self, before: str) -> None:
-        if self._evals_pending and self.ema is not None:
-            logger.warning(
-                "EMATrainerCallback: an evaluation was due but did not run; training weights restored before %s.",
-                before,
-            )
-            self.ema.swap()
-            self._evals_pending = 0
+    def _eval_ema(self) -> EMAState | None:
+        return self.ema
 
     def on_evaluate(
         self,

@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from .callback import (
     _PREFIX_CHECKPOINT_DIR,
     _VERBOSITY,
     EMATrainerCallback,
     _checkpoint_step,
+    _EvalSwap,
     _find_running_trainer,
     training_weights_in,
 )
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
     from .args import EMAArguments
+    from .state import EMAState
 
 __all__ = ["PostHocEMACallback"]
 
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RUN_DIRNAME = "posthoc"
 
 
-class PostHocEMACallback(TrainerCallback):
+class PostHocEMACallback(_EvalSwap):
     """Post-hoc EMA during ``Trainer.train()``: track power-function EMA profiles, write snapshots of them, and
     choose the EMA length afterwards with :func:`hf_ema.synthesize`.
 
@@ -356,16 +357,6 @@ class PostHocEMACallback(TrainerCallback):
         evaluation (listed before this one) is swapped out, then back in, bitwise."""
         return training_weights_in(ref() for ref in self._ema_callbacks)
 
-    def on_step_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._ensure_training_weights("the next training step")
-
-    def on_epoch_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        self._ensure_training_weights("the next epoch")
-
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -389,21 +380,11 @@ class PostHocEMACallback(TrainerCallback):
             self._swap_in_for_eval()
 
     # ------------------------------------------------------------------ evaluation (evaluate_sigma_rel)
-    def _swap_in_for_eval(self) -> None:
-        if self._eval_index is None or self.posthoc is None or self._evals_pending:
-            return
-        self.posthoc.profiles[self._eval_index].swap()
-        eval_dataset = getattr(self.trainer, "eval_dataset", None)
-        self._evals_pending = len(eval_dataset) if isinstance(eval_dataset, dict) and eval_dataset else 1
-
-    def _ensure_training_weights(self, before: str) -> None:
-        if self._evals_pending and self.posthoc is not None and self._eval_index is not None:
-            logger.warning(
-                "PostHocEMACallback: an evaluation was due but did not run; training weights restored before %s.",
-                before,
-            )
-            self.posthoc.profiles[self._eval_index].swap()
-            self._evals_pending = 0
+    def _eval_ema(self) -> EMAState | None:
+        """The profile that ``evaluate_sigma_rel`` picked (None: the Trainer evaluates the training weights)."""
+        if self._eval_index is None or self.posthoc is None:
+            return None
+        return self.posthoc.profiles[self._eval_index]
 
     def on_evaluate(
         self,
